@@ -1,0 +1,160 @@
+"""Pure status logic: workload status -> RewardModelJob phase and conditions.
+
+Nothing here talks to Kubernetes; the handlers feed in the objects they read and
+patch back what these functions return, so every rule can be tested as a table.
+
+Phases: Pending -> Running -> Succeeded | Failed, plus Suspended (by the user's
+``runPolicy.suspend``). A workload that is suspended without the user asking for it
+is waiting for Kueue admission and stays Pending.
+
+Conditions follow the Kubernetes API conventions (type, status, reason, message,
+lastTransitionTime, observedGeneration): one entry per type, ``lastTransitionTime``
+moves only when ``status`` flips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
+TERMINAL_PHASES = (SUCCEEDED, FAILED)
+
+# Condition types of the RewardModelJob. The phase ones mirror the workload; the
+# last two are about the spec and are owned by the create/update handlers.
+CREATED, INVALID_SPEC, SPEC_CHANGE_REFUSED = "Created", "InvalidSpec", "SpecChangeRefused"
+PHASE_CONDITIONS = (RUNNING, SUCCEEDED, FAILED, SUSPENDED)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadState:
+    """What the workload's own status says, reduced to one of our phases."""
+
+    phase: str
+    reason: str
+    message: str
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _true_conditions(status: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
+
+
+def pytorchjob_state(status: dict) -> WorkloadState:
+    """Kubeflow training-operator conditions: Created, Running, Restarting, Succeeded, Failed, Suspended."""
+    true = _true_conditions(status)
+    for kind_type, phase in (("Succeeded", SUCCEEDED), ("Failed", FAILED), ("Suspended", SUSPENDED),
+                             ("Running", RUNNING), ("Restarting", RUNNING)):
+        if kind_type in true:
+            cond = true[kind_type]
+            return WorkloadState(phase, cond.get("reason") or f"PyTorchJob{kind_type}", cond.get("message") or "")
+    return WorkloadState(PENDING, "PyTorchJobCreated", "waiting for the PyTorchJob's pods")
+
+
+def job_state(status: dict) -> WorkloadState:
+    """batch/v1 Job: conditions Complete / Failed / Suspended, else the active pod count."""
+    true = _true_conditions(status)
+    for kind_type, phase in (("Complete", SUCCEEDED), ("Failed", FAILED), ("Suspended", SUSPENDED)):
+        if kind_type in true:
+            cond = true[kind_type]
+            return WorkloadState(phase, cond.get("reason") or f"Job{kind_type}", cond.get("message") or "")
+    if status.get("active"):
+        return WorkloadState(RUNNING, "PodsActive", f"{status['active']} pod(s) active")
+    return WorkloadState(PENDING, "JobCreated", "waiting for the Job's pods")
+
+
+def workload_state(kind: str, status: dict | None) -> WorkloadState:
+    reader = {"PyTorchJob": pytorchjob_state, "Job": job_state}[kind]
+    return reader(status or {})
+
+
+def set_condition(conditions: list[dict], type_: str, status: bool, reason: str, message: str,
+                  generation: int | None, now: str) -> list[dict]:
+    """Return ``conditions`` with ``type_`` upserted; keeps lastTransitionTime unless status flips."""
+    value = "True" if status else "False"
+    old = next((c for c in conditions if c["type"] == type_), None)
+    new = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": old["lastTransitionTime"] if old and old["status"] == value else now,
+    }
+    if generation is not None:
+        new["observedGeneration"] = generation
+    if old is None:
+        return [*conditions, new]
+    return [new if c["type"] == type_ else c for c in conditions]
+
+
+def derive_phase(state: WorkloadState, user_suspended: bool, queue_name: str | None) -> tuple[str, str, str]:
+    """Map the workload state to (phase, reason, message), telling user suspension from Kueue queueing."""
+    if state.phase == SUSPENDED and not user_suspended:
+        where = f" in Kueue queue {queue_name!r}" if queue_name else ""
+        return PENDING, "WaitingForAdmission", f"workload is suspended, waiting for admission{where}"
+    return state.phase, state.reason, state.message
+
+
+def phase_conditions(conditions: list[dict], phase: str, reason: str, message: str,
+                     generation: int | None, now: str) -> list[dict]:
+    """Set the phase conditions (Running/Succeeded/Failed/Suspended) so exactly the current one is True."""
+    for type_ in PHASE_CONDITIONS:
+        active = type_ == phase
+        if not active and not any(c["type"] == type_ for c in conditions):
+            continue  # never add a False condition for a state the job never reached
+        conditions = set_condition(
+            conditions, type_, active,
+            reason if active else f"Not{type_}",
+            message if active else f"job is {phase}",
+            generation, now,
+        )
+    return conditions
+
+
+def workload_status_patch(owner: dict, kind: str, workload_status: dict | None, now: str) -> dict:
+    """The ``status`` fields implied by the owner's workload (of ``kind``) reporting ``workload_status``.
+
+    Terminal phases are sticky: a finished job never goes back to Running (``{}``).
+    Pass the result through :func:`changed` to skip writes that change nothing.
+    """
+    status = owner.get("status") or {}
+    spec = owner.get("spec") or {}
+    run_policy = spec.get("runPolicy") or {}
+    generation = status.get("observedGeneration")
+    old_phase = status.get("phase")
+    if old_phase in TERMINAL_PHASES:
+        return {}
+    phase, reason, message = derive_phase(
+        workload_state(kind, workload_status), bool(run_policy.get("suspend")), run_policy.get("queueName"),
+    )
+    old_conditions = status.get("conditions") or []
+    conditions = phase_conditions(old_conditions, phase, reason, message, generation, now)
+    patch: dict = {"phase": phase, "message": message}
+    if phase != old_phase and phase in TERMINAL_PHASES:
+        patch["completionTime"] = now
+    if conditions != old_conditions:
+        patch["conditions"] = conditions
+    return patch
+
+
+# status.training keys (written by the trainer) that are copied to status.metrics.
+METRIC_KEYS = ("step", "totalSteps", "episode", "epoch", "trainLoss", "trainAccuracy",
+               "evalLoss", "evalAccuracy", "evalRewardMargin")
+
+
+def training_status(training: dict) -> dict:
+    """The trainer's ``status.training`` report -> the ``metrics``/``hub``/``wandb`` status fields."""
+    patch: dict = {"metrics": {k: training[k] for k in METRIC_KEYS if k in training}}
+    if training.get("hub"):
+        patch["hub"] = dict(training["hub"])
+    if training.get("wandbUrl"):
+        patch["wandb"] = {"url": training["wandbUrl"]}
+    return patch
+
+
+def changed(status: dict, patch: dict) -> dict:
+    """``patch`` without the keys whose value ``status`` already has (so no-op writes are skipped)."""
+    return {k: v for k, v in patch.items() if status.get(k) != v}

@@ -1,0 +1,352 @@
+"""kopf handlers for RewardModelJob: read, render, apply idempotently, patch status.
+
+One handler per concern:
+
+- ``reconcile`` (create/resume): validate the spec, create the owned children, record the workload.
+- ``workload_changed`` (PyTorchJob/Job events): derive phase + conditions from the workload.
+- ``spec_changed`` (spec updates): apply the runPolicy fields a running workload can take,
+  refuse everything else with a ``SpecChangeRefused`` condition.
+- ``training_reported`` (``status.training``, written by the trainer): copy to metrics/hub/wandb.
+
+The operator writes only the ``status`` of a RewardModelJob (kopf's own bookkeeping included,
+see ``configure``), never its spec or metadata, so GitOps tools see no drift. There is no
+finalizer: the children carry ownerReferences and Kubernetes' garbage collector deletes them
+with the job, even while the operator is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import kopf
+
+from rmjob_operator import API_VERSION, GROUP, KIND, PLURAL, VERSION, render
+from rmjob_operator import conditions as cond
+from rmjob_operator.kube import ApiError, KubeApi, object_path, path_of
+from rmjob_operator.spec import InvalidSpec, RewardModelJobSpec, check_name, parse_spec
+
+JOB_LABEL = "rmjob.dev/job-name"
+# On the workload: what it was rendered from, to judge later spec edits against.
+SPEC_HASH_ANNOTATION = "rmjob.dev/spec-hash"  # everything but the safe runPolicy fields
+RUN_POLICY_ANNOTATION = "rmjob.dev/run-policy"  # the safe runPolicy fields last applied
+PYTORCHJOB_API = ("kubeflow.org/v1", "pytorchjobs")
+
+# runPolicy fields a started workload can take in flight; any other spec change is refused.
+SAFE_FIELDS = ("suspend", "ttlSecondsAfterFinished", "activeDeadlineSeconds")
+# Where those fields live in each workload kind's spec.
+WORKLOAD_RUN_POLICY = {"PyTorchJob": ("spec", "runPolicy"), "Job": ("spec",)}
+
+
+# --- operator setup -------------------------------------------------------------------
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # kopf keeps handler progress and the last-handled spec in annotations by default; in
+    # status they cannot fight a GitOps tool that owns the manifest (the CRD keeps
+    # status.kopf with x-kubernetes-preserve-unknown-fields).
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.lastHandledSpec")
+    memo.kube = KubeApi()
+    # Per-job locks: the workload watcher and the spec handlers both rewrite status.conditions.
+    memo.status_locks = collections.defaultdict(asyncio.Lock)
+
+
+@kopf.on.login()
+async def login(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> kopf.AiohttpSession | None:
+    """One aiohttp session, shared by kopf and our KubeApi, so both use the same credentials."""
+    # An explicit KUBECONFIG wins (local runs, tests); in a pod, the service account.
+    info = None if os.environ.get("KUBECONFIG") else kopf.login_with_service_account(settings=settings, **kwargs)
+    info = info or kopf.login_with_kubeconfig(settings=settings, **kwargs)
+    if info is None:
+        return None
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+    )
+    memo.kube.connect(session, info.server)
+    return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace,
+                               expiration=info.expiration, aiohttp_session=session)
+
+
+# --- small helpers ---------------------------------------------------------------------
+
+
+def status_path(namespace: str, name: str) -> str:
+    return object_path(API_VERSION, KIND, namespace, name) + "/status"
+
+
+def spec_hash(spec: RewardModelJobSpec) -> str:
+    """Hash of everything a started workload cannot change (the spec minus the safe runPolicy fields)."""
+    data = spec.model_dump(by_alias=True, mode="json")
+    for key in SAFE_FIELDS:
+        data["runPolicy"].pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def safe_values(spec: RewardModelJobSpec) -> dict:
+    policy = spec.run_policy.model_dump(by_alias=True, mode="json")
+    return {key: policy.get(key) for key in SAFE_FIELDS}
+
+
+def workload_annotations(spec: RewardModelJobSpec) -> dict:
+    return {SPEC_HASH_ANNOTATION: spec_hash(spec),
+            RUN_POLICY_ANNOTATION: json.dumps(safe_values(spec), sort_keys=True)}
+
+
+def is_workload(obj: dict, ref: dict) -> bool:
+    return obj["kind"] == ref["kind"] and obj["metadata"]["name"] == ref["name"]
+
+
+def is_ours(obj: dict, owner: dict) -> bool:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == owner["metadata"]["uid"] for ref in refs)
+
+
+def phase_event(owner: dict, phase: str, message: str) -> None:
+    kopf.event(owner, type="Warning" if phase == cond.FAILED else "Normal", reason=phase, message=message)
+
+
+async def update_status(memo: kopf.Memo, namespace: str, name: str, compute: Callable[[dict], dict]) -> dict:
+    """Read the job, ``compute(job) -> status patch``, merge-patch it; serialised per job.
+
+    Returns the patch (empty when nothing changed or the job is gone). Emits an Event when
+    the phase changes.
+    """
+    async with memo.status_locks[namespace, name]:
+        owner = await memo.kube.get(object_path(API_VERSION, KIND, namespace, name))
+        if owner is None:
+            return {}
+        patch = cond.changed(owner.get("status") or {}, compute(owner))
+        if patch:
+            await memo.kube.merge_patch(status_path(namespace, name), {"status": patch})
+    if patch.get("phase"):
+        phase_event(owner, patch["phase"], patch.get("message", ""))
+    return patch
+
+
+async def choose_backend(kube: KubeApi, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "pytorchjob" if await kube.serves(*PYTORCHJOB_API) else "job"
+
+
+async def create_child(kube: KubeApi, child: dict, owner: dict, logger: logging.Logger) -> None:
+    """Create ``child``; an existing one of ours is success (a retried create or a restart)."""
+    try:
+        await kube.create(child)
+        logger.info("created %s %s", child["kind"], child["metadata"]["name"])
+    except ApiError as e:
+        if e.status != 409:
+            raise
+        existing = await kube.get(path_of(child))
+        if existing is None or not is_ours(existing, owner):
+            raise kopf.PermanentError(
+                f"{child['kind']} {child['metadata']['name']} exists and is not owned by this job"
+            ) from None
+
+
+async def sync_from_workload(memo: kopf.Memo, namespace: str, name: str, workload: dict) -> dict:
+    now = cond.now_iso()
+    return await update_status(
+        memo, namespace, name,
+        lambda owner: cond.workload_status_patch(owner, workload["kind"], workload.get("status"), now),
+    )
+
+
+# --- create / resume -------------------------------------------------------------------
+
+
+def invalid_spec_patch(owner: dict, err: InvalidSpec) -> dict:
+    status = owner.get("status") or {}
+    message = str(err)  # "spec.trainer.learningRate: ..." (the field first)
+    generation = owner["metadata"].get("generation")
+    conditions = cond.set_condition(status.get("conditions") or [], cond.INVALID_SPEC, True, "InvalidSpec",
+                                    message, generation, cond.now_iso())
+    return {"phase": cond.FAILED, "message": message, "conditions": conditions, "observedGeneration": generation}
+
+
+def created_patch(owner: dict, spec: RewardModelJobSpec, workload_ref: dict) -> dict:
+    status = owner.get("status") or {}
+    now = cond.now_iso()
+    generation = owner["metadata"].get("generation")
+    conditions = status.get("conditions") or []
+    if any(c["type"] == cond.INVALID_SPEC for c in conditions):
+        conditions = cond.set_condition(conditions, cond.INVALID_SPEC, False, "SpecValid", "", generation, now)
+    message = f"created {workload_ref['kind']} {workload_ref['name']}"
+    conditions = cond.set_condition(conditions, cond.CREATED, True, "WorkloadCreated", message, generation, now)
+    patch = {
+        "workload": workload_ref,
+        "observedGeneration": generation,
+        "startTime": status.get("startTime") or now,
+        "topology": {"nodes": spec.resources.nodes, "gpusPerNode": spec.resources.gpus_per_node,
+                     "worldSize": spec.world_size},
+        "conditions": conditions,
+    }
+    if status.get("phase") in (None, cond.FAILED) and not status.get("workload"):
+        patch.update(phase=cond.PENDING, message=message)  # first creation, or a fixed invalid spec
+    return patch
+
+
+async def reject(memo: kopf.Memo, body: kopf.Body, err: InvalidSpec, logger: logging.Logger) -> None:
+    """Invalid spec: phase Failed, an InvalidSpec condition and one Warning event; no retries."""
+    logger.warning("invalid spec: %s", err)
+    meta = body["metadata"]
+    patch = await update_status(memo, meta["namespace"], meta["name"], lambda owner: invalid_spec_patch(owner, err))
+    if not patch.get("phase"):  # already Failed: the phase event did not fire
+        kopf.event(body, type="Warning", reason=cond.INVALID_SPEC, message=str(err))
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Create the children (idempotent) and bring status in line with the workload."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    try:
+        check_name(name)
+        spec = parse_spec(dict(body["spec"]))
+    except InvalidSpec as err:
+        await reject(memo, body, err, logger)
+        return
+
+    # status.workload is recorded only after every child exists, so a job that has it never
+    # gets children again: a finished workload removed by its TTL must not train a second time.
+    workload_ref = (body.get("status") or {}).get("workload")
+    if not workload_ref:
+        owner = dict(body)
+        backend = await choose_backend(memo.kube, spec.run_policy.backend)
+        children = render.render_children(owner, backend, os.environ.get("RMJOB_TRAINER_IMAGE"))
+        kopf.adopt(children, owner=owner, strict=True)
+        workload_ref = render.workload_ref(owner, backend)
+        for child in children:
+            if is_workload(child, workload_ref):
+                child["metadata"].setdefault("annotations", {}).update(workload_annotations(spec))
+            await create_child(memo.kube, child, owner, logger)
+        await update_status(memo, namespace, name, lambda owner: created_patch(owner, spec, workload_ref))
+
+    path = object_path(workload_ref["apiVersion"], workload_ref["kind"], namespace, workload_ref["name"])
+    workload = await memo.kube.get(path)
+    if workload is not None:  # on resume, the workload may have moved on while we were away
+        await sync_from_workload(memo, namespace, name, workload)
+
+
+# --- workload -> status ----------------------------------------------------------------
+
+
+@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={JOB_LABEL: kopf.PRESENT})
+@kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
+async def workload_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if event["type"] == "DELETED":
+        return  # deleted with its job (GC), or by hand: the job keeps its last known phase
+    owners = [ref for ref in body.metadata.get("ownerReferences") or [] if ref.get("kind") == KIND]
+    if not owners:
+        return  # labelled like ours, but not created by this operator
+    await sync_from_workload(memo, body.metadata.namespace, owners[0]["name"], dict(body))
+
+
+# --- spec updates ----------------------------------------------------------------------
+
+
+def changed_paths(old: Any, new: Any, prefix: str = "spec") -> list[str]:
+    """Dotted paths of the leaves that differ (``spec.trainer.learningRate``), sorted."""
+    if old == new:
+        return []
+    if isinstance(old, (dict, type(None))) and isinstance(new, (dict, type(None))):
+        old, new = old or {}, new or {}
+        return [path for key in sorted(old.keys() | new.keys())
+                for path in changed_paths(old.get(key), new.get(key), f"{prefix}.{key}")]
+    return [prefix]
+
+
+def run_policy_patch(owner: dict, backend: str, keys: set[str]) -> dict:
+    """The workload merge-patch for ``keys`` of runPolicy, with the values render.py gives them."""
+    ref = render.workload_ref(owner, backend)
+    children = render.render_children(owner, backend, os.environ.get("RMJOB_TRAINER_IMAGE"))
+    rendered = next(c for c in children if is_workload(c, ref))
+    path = WORKLOAD_RUN_POLICY[ref["kind"]]
+    for key in path:
+        rendered = rendered.get(key) or {}
+    patch: dict = {key: rendered.get(key) for key in sorted(keys)}  # None deletes the field
+    for key in reversed(path):
+        patch = {key: patch}
+    return patch
+
+
+def refusal_patch(owner: dict, fields: list[str]) -> dict:
+    status = owner.get("status") or {}
+    message = (f"{', '.join(fields)} cannot change once the workload exists; "
+               "revert the change or create a new RewardModelJob")
+    conditions = cond.set_condition(status.get("conditions") or [], cond.SPEC_CHANGE_REFUSED, True,
+                                    "ImmutableWhileStarted", message, owner["metadata"].get("generation"),
+                                    cond.now_iso())
+    return {"conditions": conditions}
+
+
+def accepted_patch(owner: dict) -> dict:
+    status = owner.get("status") or {}
+    generation = owner["metadata"].get("generation")
+    conditions = status.get("conditions") or []
+    if any(c["type"] == cond.SPEC_CHANGE_REFUSED for c in conditions):
+        conditions = cond.set_condition(conditions, cond.SPEC_CHANGE_REFUSED, False, "SpecApplied",
+                                        "the spec matches the workload", generation, cond.now_iso())
+    return {"observedGeneration": generation, "conditions": conditions}
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, logger: logging.Logger,
+                       **kwargs: Any) -> None:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    workload_ref = (body.get("status") or {}).get("workload")
+    if not workload_ref:  # nothing started yet (e.g. the spec was invalid): start from scratch
+        await reconcile(body=body, memo=memo, logger=logger, **kwargs)
+        return
+
+    paths = changed_paths(old, new)
+    workload_path = object_path(workload_ref["apiVersion"], workload_ref["kind"], namespace, workload_ref["name"])
+    workload = await memo.kube.get(workload_path) or {}
+    annotations = workload.get("metadata", {}).get("annotations") or {}
+    try:
+        spec = parse_spec(dict(body["spec"]))
+    except InvalidSpec as err:
+        spec, paths = None, [err.field]
+    if spec is None or spec_hash(spec) != annotations.get(SPEC_HASH_ANNOTATION):
+        logger.warning("refusing spec change of %s", ", ".join(paths))
+        await update_status(memo, namespace, name, lambda owner: refusal_patch(owner, paths))
+        kopf.event(body, type="Warning", reason=cond.SPEC_CHANGE_REFUSED, message=f"refused: {', '.join(paths)}")
+        return
+
+    # Nothing immutable differs from the workload (a safe edit, or a refused one reverted).
+    # Only the safe fields the user changed since the last apply are sent: Kueue owns
+    # ``suspend`` of a queued workload, and rewriting it would bypass admission.
+    applied = json.loads(annotations.get(RUN_POLICY_ANNOTATION) or "{}")
+    desired = safe_values(spec)
+    keys = {key for key in SAFE_FIELDS if applied.get(key) != desired[key]}
+    if keys:
+        patch = run_policy_patch(dict(body), workload_ref["kind"].lower(), keys)
+        patch.setdefault("metadata", {})["annotations"] = {RUN_POLICY_ANNOTATION: json.dumps(desired, sort_keys=True)}
+        await memo.kube.merge_patch(workload_path, patch)
+        applied_paths = ", ".join(f"spec.runPolicy.{key}" for key in sorted(keys))
+        logger.info("applied %s to the workload", applied_paths)
+        kopf.event(body, type="Normal", reason="SpecApplied", message=f"applied {applied_paths}")
+    await update_status(memo, namespace, name, accepted_patch)
+
+
+# --- trainer -> status -----------------------------------------------------------------
+
+
+@kopf.on.field(GROUP, VERSION, PLURAL, field="status.training")
+def training_reported(new: Any, patch: kopf.Patch, **_: Any) -> None:
+    if new:
+        patch.status.update(cond.training_status(dict(new)))

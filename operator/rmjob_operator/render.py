@@ -1,0 +1,441 @@
+"""Pure rendering: a RewardModelJob object -> the Kubernetes objects that run it.
+
+No I/O and no kopf here: the handlers read the job, call :func:`render_children`, adopt the
+result (ownerReferences) and apply it. Children of job ``NAME``, in creation order:
+
+- ConfigMap ``NAME-config``: ``trainer.yaml`` (RewardConfig keys) and ``deepspeed.json``,
+  mounted at /etc/rmjob;
+- ServiceAccount, Role and RoleBinding ``NAME-trainer``: rank 0 may ``patch`` this job's
+  ``status`` (nothing else), to report progress in ``status.training``;
+- backend ``job`` only: headless Service ``NAME``, giving pod ``NAME-0`` the stable DNS name
+  ``NAME-0.NAME`` that the other nodes rendezvous at;
+- the workload ``NAME``: a Kubeflow PyTorchJob or an Indexed batch/v1 Job.
+
+The trainer image is ``spec.resources.image``, else the ``default_image`` argument (the
+handler passes the operator's ``RMJOB_TRAINER_IMAGE``), else :data:`DEFAULT_IMAGE`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Literal
+
+import yaml
+
+from rmjob_operator import API_VERSION, GROUP, PLURAL
+from rmjob_operator.spec import (
+    CONFIG_MOUNT_PATH,
+    DEEPSPEED_CONFIG_FILE,
+    OUTPUT_MOUNT_PATH,
+    TRAINER_CONFIG_FILE,
+    RewardModelJobSpec,
+    check_name,
+    parse_spec,
+)
+
+Backend = Literal["pytorchjob", "job"]
+
+DEFAULT_IMAGE = "ghcr.io/rmjob/rmjob-trainer:0.1.0"
+CONTAINER_NAME = "pytorch"  # Kubeflow finds the training container (and its port) by this name
+MASTER_PORT = 29500
+JOB_LABEL = "rmjob.dev/job-name"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+COMPLETION_INDEX_PATH = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+CACHE_MOUNT_PATH = "/cache"
+# Caches the trainer writes to; the image's root filesystem may be read-only.
+CACHE_ENV = {
+    "HF_HOME": f"{CACHE_MOUNT_PATH}/huggingface",
+    "TRITON_CACHE_DIR": f"{CACHE_MOUNT_PATH}/triton",
+    "WANDB_DIR": f"{CACHE_MOUNT_PATH}/wandb",
+    "WANDB_CACHE_DIR": f"{CACHE_MOUNT_PATH}/wandb",
+    "WANDB_CONFIG_DIR": f"{CACHE_MOUNT_PATH}/wandb",
+}
+TRAIN_COMMAND = ["-m", "rmjob_trainer", "--config", f"{CONFIG_MOUNT_PATH}/{TRAINER_CONFIG_FILE}"]
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def trainer_account_name(name: str) -> str:
+    return f"{name}-trainer"
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "rmjob",
+        "app.kubernetes.io/managed-by": "rmjob-operator",
+        JOB_LABEL: name,
+    }
+
+
+def _metadata(body: dict[str, Any], name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    meta = body["metadata"]
+    all_labels = {**labels(meta["name"]), **(extra_labels or {})}
+    return {"name": name, "namespace": meta["namespace"], "labels": all_labels}
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def deepspeed_config(spec: RewardModelJobSpec) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``spec.deepspeed``, with the raw ``config`` merged over it.
+
+    The batch sizes are always the trainer section's: DeepSpeed asserts
+    ``train_batch_size == micro_batch * accumulation * world_size`` and the trainer builds its
+    data loaders from the trainer section.
+    """
+    ds, trainer = spec.deepspeed, spec.trainer
+    zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": True, "contiguous_gradients": True}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if ds.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # save_pretrained gets full weights
+    config = {
+        "bf16": {"enabled": ds.bf16},
+        "fp16": {"enabled": trainer.mixed_precision == "fp16"},
+        "zero_optimization": zero,
+    }
+    config = _deep_merge(config, ds.config or {})
+    micro, accumulation = trainer.per_device_train_batch_size, trainer.gradient_accumulation_steps
+    config.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accumulation,
+        train_batch_size=micro * accumulation * spec.world_size,
+    )
+    return config
+
+
+def _config_map(body: dict[str, Any], spec: RewardModelJobSpec) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(body, config_map_name(name)),
+        "data": {
+            TRAINER_CONFIG_FILE: yaml.safe_dump(spec.trainer_config(), sort_keys=True),
+            DEEPSPEED_CONFIG_FILE: json.dumps(deepspeed_config(spec), indent=2, sort_keys=True) + "\n",
+        },
+    }
+
+
+# --- RBAC for the trainer's status reports --------------------------------------------------
+
+
+def _rbac(body: dict[str, Any]) -> list[dict[str, Any]]:
+    name = body["metadata"]["name"]
+    account = trainer_account_name(name)
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _metadata(body, account),
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(body, account),
+            "rules": [{
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [name],
+                "verbs": ["patch"],
+            }],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(body, account),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": body["metadata"]["namespace"]}],
+        },
+    ]
+
+
+# --- the pod template ----------------------------------------------------------------------
+
+
+def _secret_env(name: str, ref: Any) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def _env(body: dict[str, Any], spec: RewardModelJobSpec, distributed_env: list[dict]) -> list[dict[str, Any]]:
+    """Cache locations (unless the user sets them), the user's env, then what the operator owns.
+
+    The spec forbids user variables named like the operator's, so no name appears twice.
+    """
+    user_env = [env.model_dump(by_alias=True, exclude_none=True) for env in spec.resources.env]
+    user_names = {env["name"] for env in user_env}
+    env = [{"name": key, "value": value} for key, value in CACHE_ENV.items() if key not in user_names]
+    env += user_env
+    env += [
+        {"name": "RMJOB_JOB_NAME", "value": body["metadata"]["name"]},
+        {"name": "RMJOB_NAMESPACE", "value": body["metadata"]["namespace"]},
+    ]
+    if spec.hub.token_secret_ref is not None:
+        env.append(_secret_env("HF_TOKEN", spec.hub.token_secret_ref))
+    if spec.tracking.wandb is not None:
+        env.append(_secret_env("WANDB_API_KEY", spec.tracking.wandb.api_key_secret_ref))
+    return env + distributed_env
+
+
+def _volumes(body: dict[str, Any], spec: RewardModelJobSpec) -> tuple[list[dict], list[dict]]:
+    """The operator's volumes (config, /dev/shm, caches, outputs) plus the user's.
+
+    The cache and output emptyDirs are left out when the user mounts something at their path
+    (typically a PersistentVolumeClaim at /output, so checkpoints survive pod restarts).
+    """
+    name = body["metadata"]["name"]
+    user_volumes = [v.model_dump(by_alias=True, exclude_none=True) for v in spec.resources.volumes]
+    user_mounts = [m.model_dump(by_alias=True, exclude_none=True) for m in spec.resources.volume_mounts]
+    user_paths = {m["mountPath"].rstrip("/") for m in user_mounts}
+    volumes = [
+        {"name": "rmjob-config", "configMap": {"name": config_map_name(name)}},
+        # NCCL and the data loaders need more shared memory than the container runtime's 64 MiB.
+        {"name": "rmjob-shm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts = [
+        {"name": "rmjob-config", "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
+        {"name": "rmjob-shm", "mountPath": "/dev/shm"},
+    ]
+    for volume, path in (("rmjob-cache", CACHE_MOUNT_PATH), ("rmjob-output", OUTPUT_MOUNT_PATH)):
+        if path not in user_paths:
+            volumes.append({"name": volume, "emptyDir": {}})
+            mounts.append({"name": volume, "mountPath": path})
+    return volumes + user_volumes, mounts + user_mounts
+
+
+def _container_resources(spec: RewardModelJobSpec) -> dict[str, Any]:
+    requested = spec.resources.resources
+    limits = dict(requested.limits)
+    if spec.resources.gpus_per_node:
+        limits["nvidia.com/gpu"] = spec.resources.gpus_per_node
+    resources: dict[str, Any] = {}
+    if requested.requests:
+        resources["requests"] = dict(requested.requests)
+    if limits:
+        resources["limits"] = limits
+    return resources
+
+
+TRAINER_POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "fsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _pod_template(
+    body: dict[str, Any],
+    spec: RewardModelJobSpec,
+    *,
+    image: str,
+    command: list[str],
+    port_name: str,
+    distributed_env: list[dict[str, Any]],
+    extra_pod_spec: dict[str, Any],
+) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    res = spec.resources
+    volumes, mounts = _volumes(body, spec)
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": image,
+        "command": command,
+        "env": _env(body, spec, distributed_env),
+        "ports": [{"name": port_name, "containerPort": MASTER_PORT, "protocol": "TCP"}],
+        "resources": _container_resources(spec),
+        "volumeMounts": mounts,
+    }
+    if res.image_pull_policy:
+        container["imagePullPolicy"] = res.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": res.service_account_name or trainer_account_name(name),
+        # The trainer image runs as uid 10001; fsGroup makes mounted volumes (the output PVC,
+        # dataset and cache volumes) writable by it.
+        "securityContext": TRAINER_POD_SECURITY_CONTEXT,
+        "containers": [container],
+        "volumes": volumes,
+        **extra_pod_spec,
+    }
+    optional = {
+        "imagePullSecrets": [s.model_dump(by_alias=True) for s in res.image_pull_secrets],
+        "nodeSelector": dict(res.node_selector),
+        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations],
+        "affinity": res.affinity,
+        "priorityClassName": res.priority_class_name,
+    }
+    pod_spec.update({key: value for key, value in optional.items() if value})
+    return {"metadata": {"labels": labels(name)}, "spec": pod_spec}
+
+
+def _image(spec: RewardModelJobSpec, default_image: str | None) -> str:
+    return spec.resources.image or default_image or DEFAULT_IMAGE
+
+
+def _workload_metadata(body: dict[str, Any], spec: RewardModelJobSpec) -> dict[str, Any]:
+    queue = {QUEUE_LABEL: spec.run_policy.queue_name} if spec.run_policy.queue_name else {}
+    return _metadata(body, body["metadata"]["name"], queue)
+
+
+def _nproc_per_node(spec: RewardModelJobSpec) -> int:
+    return spec.resources.gpus_per_node or 1  # gpusPerNode 0: one CPU process per pod
+
+
+# --- backend "pytorchjob" ---------------------------------------------------------------------
+
+
+def _pytorchjob(body: dict[str, Any], spec: RewardModelJobSpec, image: str) -> dict[str, Any]:
+    # Kubeflow sets PET_NNODES, PET_NPROC_PER_NODE and PET_NODE_RANK (read by torchrun) but the
+    # master's address only as MASTER_ADDR/MASTER_PORT, which torchrun ignores; Kubernetes
+    # expands $(VAR) in the command from the container's env.
+    command = ["torchrun", "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)", *TRAIN_COMMAND]
+    # Kubeflow reads the master's port from the container port of this name.
+    template = _pod_template(body, spec, image=image, command=command, port_name="pytorchjob-port",
+                             distributed_env=[], extra_pod_spec={})
+    # ExitCode: errors of the trainer (exit 1-127) fail the job at once, signals and
+    # infrastructure failures (128+: OOM kill, preemption) restart pods up to backoffLimit.
+    replica = {"restartPolicy": "ExitCode", "template": template}
+    replicas = {"Master": {"replicas": 1, **replica}}
+    if spec.resources.nodes > 1:
+        replicas["Worker"] = {"replicas": spec.resources.nodes - 1, **copy.deepcopy(replica)}
+    policy = spec.run_policy
+    run_policy: dict[str, Any] = {
+        "backoffLimit": policy.backoff_limit,
+        "suspend": policy.suspend,
+        # Stop the other pods as soon as the job is finished: a failed rank leaves the rest
+        # blocked in a collective. Finished pods stay for their logs.
+        "cleanPodPolicy": "Running",
+    }
+    if policy.active_deadline_seconds is not None:
+        run_policy["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _workload_metadata(body, spec),
+        "spec": {
+            "nprocPerNode": str(_nproc_per_node(spec)),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+# --- backend "job": headless Service + Indexed Job ----------------------------------------------
+
+
+def _headless_service(body: dict[str, Any]) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(body, name),
+        "spec": {
+            "clusterIP": "None",
+            # Rank 0 must be resolvable before it is Ready: the rendezvous happens at startup.
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_LABEL: name},
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def _indexed_job(body: dict[str, Any], spec: RewardModelJobSpec, image: str) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    nodes = spec.resources.nodes
+    distributed_env = [
+        {"name": "PET_NNODES", "value": str(nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(_nproc_per_node(spec))},
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_PATH}}},
+        # Indexed Job pods are named NAME-INDEX; with subdomain=NAME the headless Service
+        # gives pod 0 the DNS name NAME-0.NAME.
+        {"name": "PET_MASTER_ADDR", "value": f"{name}-0.{name}"},
+        {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
+    ]
+    template = _pod_template(
+        body,
+        spec,
+        image=image,
+        command=["torchrun", *TRAIN_COMMAND],
+        port_name="rendezvous",
+        distributed_env=distributed_env,
+        extra_pod_spec={"subdomain": name, "restartPolicy": "Never"},
+    )
+    policy = spec.run_policy
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": policy.backoff_limit,
+        # Gang semantics. torchrun's static rendezvous cannot take a replaced node back into a
+        # running group, so retrying one index (what a Job does by default) only leaves the
+        # others blocked until NCCL's timeout. Instead: a trainer error (non-zero exit) fails
+        # the whole Job at once, which stops every pod; a pod disrupted by the cluster
+        # (preemption, eviction, node drain) is replaced without using up backoffLimit.
+        "podFailurePolicy": {
+            "rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {"action": "FailJob", "onExitCodes": {
+                    "containerName": CONTAINER_NAME, "operator": "NotIn", "values": [0]}},
+            ]
+        },
+        "suspend": policy.suspend,
+        "template": template,
+    }
+    if policy.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _workload_metadata(body, spec), "spec": job_spec}
+
+
+# --- entry points ---------------------------------------------------------------------------------
+
+
+_WORKLOAD_KINDS = {"pytorchjob": ("kubeflow.org/v1", "PyTorchJob"), "job": ("batch/v1", "Job")}
+
+
+def workload_ref(body: dict[str, Any], backend: Backend) -> dict[str, str]:
+    """``{"apiVersion", "kind", "name"}`` of the workload that :func:`render_children` renders."""
+    api_version, kind = _WORKLOAD_KINDS[backend]
+    return {"apiVersion": api_version, "kind": kind, "name": body["metadata"]["name"]}
+
+
+def render_children(
+    body: dict[str, Any], backend: Backend, default_image: str | None = None
+) -> list[dict[str, Any]]:
+    """All children of the RewardModelJob ``body``, in creation order, without ownerReferences.
+
+    ``backend`` is ``"pytorchjob"`` or ``"job"`` (the handler resolves ``auto``). Raises
+    :class:`~rmjob_operator.spec.InvalidSpec` for a spec or name the operator cannot run.
+    """
+    if backend not in _WORKLOAD_KINDS:
+        raise ValueError(f"backend must be one of {', '.join(_WORKLOAD_KINDS)}, got {backend!r}")
+    if body.get("apiVersion", API_VERSION) != API_VERSION:
+        raise ValueError(f"expected a {API_VERSION} object, got {body.get('apiVersion')}")
+    check_name(body["metadata"]["name"])
+    spec = parse_spec(body["spec"])
+    image = _image(spec, default_image)
+    children = [_config_map(body, spec), *_rbac(body)]
+    if backend == "pytorchjob":
+        children.append(_pytorchjob(body, spec, image))
+    else:
+        children += [_headless_service(body), _indexed_job(body, spec, image)]
+    return children

@@ -1,0 +1,697 @@
+"""The RewardModelJob spec: one pydantic model, the single source of truth.
+
+Everything about ``spec`` lives here: field names (camelCase, as in the API), types, enums,
+bounds, defaults, descriptions, and the cross-field rules. :mod:`rmjob_operator.crd` turns
+these models into the CRD's OpenAPI schema; :func:`parse_spec` validates a job's spec in the
+operator with the same rules, so the API server and the operator cannot disagree.
+
+The ``trainer`` section is generated from :class:`rmjob_trainer.config.RewardConfig`, not
+retyped: a new trainer flag shows up in the CRD on the next ``make crd``. The fields the
+operator owns (the DeepSpeed file, Hub and W&B settings and their secrets) come from their
+own sections instead; :meth:`RewardModelJobSpec.trainer_config` combines everything into the
+snake_case ``trainer.yaml`` the trainer reads.
+
+Cross-field rules are declared once as :class:`Rule` objects: a Python check (run by
+pydantic) and the equivalent CEL expression (emitted as ``x-kubernetes-validations``). CEL
+rules may assume the schema's defaults are applied, as the API server does before
+evaluating them; fields without defaults are guarded with ``has()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Optional
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from rmjob_trainer.chat_templates import CHAT_TEMPLATE_NAMES
+from rmjob_trainer.config import CONFIG_FIELDS, RewardConfig
+
+# Where the rendered pods find their files (see render.py).
+CONFIG_MOUNT_PATH = "/etc/rmjob"
+TRAINER_CONFIG_FILE = "trainer.yaml"
+DEEPSPEED_CONFIG_FILE = "deepspeed.json"
+OUTPUT_MOUNT_PATH = "/output"
+
+# Children and pod host names are derived from the job name ("NAME-trainer", "NAME-0.NAME",
+# "NAME-worker-12"), and the Job backend's headless Service needs a DNS-1035 label.
+MAX_NAME_LENGTH = 48
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+class InvalidSpec(ValueError):
+    """A RewardModelJob spec the operator cannot run.
+
+    ``field`` is a dotted camelCase path (``spec.trainer.learningRate``); ``errors`` lists
+    every ``(field, message)`` found, the first of which is ``(field, message)``.
+    """
+
+    def __init__(self, field: str, message: str, errors: list[tuple[str, str]] | None = None):
+        self.field = field
+        self.message = message
+        self.errors = errors or [(field, message)]
+        more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
+        super().__init__(f"{field}: {message}{more}")
+
+
+class _FieldError(ValueError):
+    """Raised by a model-level rule; carries the field (relative to the model) to blame."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One cross-field rule, in both languages.
+
+    ``field`` is the camelCase path, relative to the model, that an error points at;
+    ``check`` receives the validated model and returns whether the rule holds.
+    """
+
+    field: str
+    message: str
+    cel: str
+    check: Callable[[Any], bool]
+
+    def to_validation(self) -> dict[str, str]:
+        validation = {"rule": self.cel, "message": self.message}
+        if self.field:
+            validation["fieldPath"] = "." + self.field
+        return validation
+
+
+def _add_rules_to_schema(schema: dict[str, Any], model: type[_Model]) -> None:
+    if model.rules:
+        schema["x-kubernetes-validations"] = [rule.to_validation() for rule in model.rules]
+
+
+class _Model(BaseModel):
+    """Base of every spec section: camelCase keys only, unknown keys rejected, strict types.
+
+    Strict mode matches the API server: ``"3"`` is not an integer and ``"yes"`` is not a
+    boolean. Unknown keys are an error, as with kubectl's default ``--validate=strict``;
+    this is also what makes a plain-text ``token:`` next to ``tokenSecretRef`` impossible.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        json_schema_extra=_add_rules_to_schema,
+    )
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self):
+        for rule in self.rules:
+            if not rule.check(self):
+                raise _FieldError(rule.field, rule.message)
+        return self
+
+
+class _OpenModel(_Model):
+    """A Kubernetes object passed through to the pod spec: a few fields checked, the rest kept.
+
+    Rendered as ``x-kubernetes-preserve-unknown-fields`` in the CRD; the API server validates
+    the contents when the pod template is created.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+
+# A section left out is defaulted to {} by the API server, which then fills in its fields'
+# defaults: `kubectl get` shows the effective settings and CEL rules can rely on them.
+_SECTION_DEFAULT = {"default": {}}
+
+
+# --- small Kubernetes types ------------------------------------------------------------
+
+_QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _quantity(value: Any) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.match(_QUANTITY_PATTERN, value):
+        return value
+    raise ValueError(f"expected a quantity like 8, '16Gi' or '500m', got {value!r}")
+
+
+Quantity = Annotated[
+    int | str,
+    PlainValidator(_quantity),
+    WithJsonSchema({
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "pattern": _QUANTITY_PATTERN,
+        "x-kubernetes-int-or-string": True,
+    }),
+]
+OpenObject = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the job's namespace. Secrets are only ever referenced."""
+
+    name: str = Field(min_length=1, description="Name of the Secret, in the job's namespace.")
+    key: str = Field(min_length=1, description="Key inside the Secret.")
+
+
+class LocalObjectReference(_Model):
+    name: str = Field(min_length=1, description="Name of the object, in the job's namespace.")
+
+
+class EnvVar(_Model):
+    name: str = Field(min_length=1, description="Environment variable name.")
+    value: Optional[str] = Field(default=None, description="Literal value.")
+    value_from: Optional[OpenObject] = Field(
+        default=None, description="Source of the value (secretKeyRef, configMapKeyRef, fieldRef, ...)."
+    )
+
+
+class Volume(_OpenModel):
+    name: str = Field(min_length=1, description="Volume name, referenced by volumeMounts.")
+
+
+class VolumeMount(_OpenModel):
+    name: str = Field(min_length=1, description="Name of a volume in volumes.")
+    mount_path: str = Field(min_length=1, description="Path inside the trainer container.")
+
+
+class Toleration(_OpenModel):
+    pass
+
+
+class ResourceRequirements(_Model):
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, description="Resources requested per node (cpu, memory, ...)."
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Resource limits per node. nvidia.com/gpu is set from gpusPerNode.",
+    )
+
+
+# --- spec.trainer: generated from RewardConfig ------------------------------------------
+
+# RewardConfig fields the operator sets from other sections, and where.
+OPERATOR_OWNED = {
+    "deepspeed": "deepspeed",
+    "with_tracking": "tracking.wandb",
+    "wandb_project_name": "tracking.wandb.project",
+    "wandb_entity": "tracking.wandb.entity",
+    "push_to_hub": "hub.push",
+    "hf_entity": "hub.entity",
+    "hf_repo_id": "hub.repoId",
+    "hf_repo_revision": "hub.revision",
+    "hf_repo_private": "hub.private",
+}
+# Defaults that differ in a cluster: the model goes to the output volume.
+TRAINER_DEFAULTS = {"output_dir": OUTPUT_MOUNT_PATH}
+# Closed sets the dataclass types as plain strings.
+TRAINER_CHOICES: dict[str, tuple[str, ...]] = {"chat_template": CHAT_TEMPLATE_NAMES}
+# Bounds for CEL's cost estimator, which otherwise assumes lists as long as a request.
+MAX_DATASETS = 64
+
+
+def _camel_flags(text: str) -> str:
+    """Help strings name CLI flags (``--dataset_mixer``); the CRD says ``datasetMixer``."""
+    def camel(match: re.Match) -> str:
+        return to_camel(match.group(1)) if match.group(1) in CONFIG_FIELDS else match.group(0)
+
+    return re.sub(r"--([a-z0-9_]+)", camel, text)
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if type(None) in typing.get_args(tp) and len(args) == 1 else tp
+
+
+def _trainer_field(f: dataclasses.Field, tp: Any) -> tuple[Any, Any]:
+    """One RewardConfig field -> (annotation, FieldInfo) for the trainer model."""
+    meta = f.metadata
+    required = meta.get("required", False)
+    constraints: dict[str, Any] = {"description": _camel_flags(meta["help"])}
+    if "minimum" in meta:
+        constraints["ge"] = meta["minimum"]
+    if "exclusiveMinimum" in meta:
+        constraints["gt"] = meta["exclusiveMinimum"]
+    if f.name in TRAINER_CHOICES:
+        choice = Literal[TRAINER_CHOICES[f.name]]
+        tp = Optional[choice] if _strip_optional(tp) is not tp else choice
+    inner = _strip_optional(tp)
+    if typing.get_origin(inner) is dict:
+        constraints.update(min_length=1, max_length=MAX_DATASETS)
+    if typing.get_origin(inner) is list:
+        constraints.update(min_length=1, max_length=MAX_DATASETS)
+    if required:
+        return inner, Field(**constraints)
+    if f.name in TRAINER_DEFAULTS:
+        return tp, Field(default=TRAINER_DEFAULTS[f.name], **constraints)
+    if f.default_factory is not dataclasses.MISSING:
+        # pydantic leaves factory defaults out of the schema; the API server should apply them.
+        extra = {"default": f.default_factory()}
+        return tp, Field(default_factory=f.default_factory, json_schema_extra=extra, **constraints)
+    return tp, Field(default=f.default, **constraints)
+
+
+def _is_mixer(mixer: dict[str, float] | None) -> bool:
+    return mixer is None or all(0 < v <= 1 or (v > 1 and float(v).is_integer()) for v in mixer.values())
+
+
+def _mixer_cel(field: str) -> str:
+    value = f"self.{field}[k]"
+    return (f"!has(self.{field}) || self.{field}.all(k, ({value} > 0.0 && {value} <= 1.0) || "
+            f"({value} > 1.0 && double(int({value})) == {value}))")
+
+
+def _splits_ok(splits: list[str], mixer: dict[str, float]) -> bool:
+    return len(splits) in (1, len(mixer))
+
+
+class _TrainerBase(_Model):
+    """``spec.trainer``: every RewardConfig field (camelCase) the operator does not own."""
+
+    rules = (
+        Rule(
+            "datasetMixer",
+            "values must be fractions in (0, 1] or whole numbers of rows > 1",
+            _mixer_cel("datasetMixer"),
+            lambda t: _is_mixer(t.dataset_mixer),
+        ),
+        Rule(
+            "datasetEvalMixer",
+            "values must be fractions in (0, 1] or whole numbers of rows > 1",
+            _mixer_cel("datasetEvalMixer"),
+            lambda t: _is_mixer(t.dataset_eval_mixer),
+        ),
+        Rule(
+            "datasetTrainSplits",
+            "give one split, or one per dataset of datasetMixer",
+            "size(self.datasetTrainSplits) == 1 || size(self.datasetTrainSplits) == size(self.datasetMixer)",
+            lambda t: _splits_ok(t.dataset_train_splits, t.dataset_mixer),
+        ),
+        Rule(
+            "datasetEvalSplits",
+            "give one split, or one per dataset of datasetEvalMixer (or datasetMixer)",
+            "size(self.datasetEvalSplits) == 1 || size(self.datasetEvalSplits) == "
+            "(has(self.datasetEvalMixer) ? size(self.datasetEvalMixer) : size(self.datasetMixer))",
+            lambda t: _splits_ok(t.dataset_eval_splits, t.dataset_eval_mixer or t.dataset_mixer),
+        ),
+    )
+
+
+_HINTS = typing.get_type_hints(RewardConfig)
+TrainerSpec: type[_Model] = create_model(
+    "TrainerSpec",
+    __base__=_TrainerBase,
+    __module__=__name__,
+    **{
+        f.name: _trainer_field(f, _HINTS[f.name])
+        for f in dataclasses.fields(RewardConfig)
+        if f.name not in OPERATOR_OWNED
+    },
+)
+
+
+# --- the other sections ----------------------------------------------------------------
+
+
+class ResourcesSpec(_Model):
+    """``spec.resources``: topology, image and everything else that goes into the pods."""
+
+    nodes: int = Field(default=1, ge=1, description="Pods (machines) to train on.")
+    gpus_per_node: int = Field(
+        default=1,
+        ge=0,
+        description="GPUs per pod; one training process per GPU. 0 runs one CPU process per pod "
+        "(smoke tests, clusters without GPUs).",
+    )
+    image: Optional[str] = Field(
+        default=None, min_length=1, description="Trainer image (default: the operator's RMJOB_TRAINER_IMAGE)."
+    )
+    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = Field(
+        default=None, description="Image pull policy of the trainer container."
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, description="Secrets for pulling the trainer image."
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, json_schema_extra=_SECTION_DEFAULT,
+        description="CPU/memory requests and limits of each pod.",
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    affinity: Optional[OpenObject] = Field(default=None, description="Pod affinity (a Kubernetes Affinity).")
+    priority_class_name: Optional[str] = Field(default=None, description="PriorityClass of the pods.")
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Extra environment variables of the trainer container.",
+    )
+    volumes: list[Volume] = Field(default_factory=list, description="Extra pod volumes (e.g. a PVC for outputs).")
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list,
+        description=f"Mounts of those volumes. Mount a persistent volume at {OUTPUT_MOUNT_PATH} to keep "
+        "the model and checkpoints (default: an emptyDir).",
+    )
+    service_account_name: Optional[str] = Field(
+        default=None,
+        description="Service account of the pods (default: the job's own NAME-trainer account, "
+        "allowed to patch this job's status).",
+    )
+
+    rules = (
+        Rule(
+            "env",
+            "HF_TOKEN, WANDB_API_KEY, PET_* and RMJOB_* are set by the operator; give the secrets "
+            "as hub.tokenSecretRef and tracking.wandb.apiKeySecretRef",
+            "!has(self.env) || self.env.all(e, !(e.name in ['HF_TOKEN', 'WANDB_API_KEY']) && "
+            "!e.name.startsWith('PET_') && !e.name.startsWith('RMJOB_'))",
+            lambda r: all(
+                e.name not in ("HF_TOKEN", "WANDB_API_KEY") and not e.name.startswith(("PET_", "RMJOB_"))
+                for e in r.env
+            ),
+        ),
+    )
+
+
+class DeepSpeedSpec(_Model):
+    """``spec.deepspeed``: ZeRO settings; stage 0 trains with plain DDP."""
+
+    stage: Literal[0, 2, 3] = Field(default=0, description="ZeRO stage: 0 (no DeepSpeed, DDP), 2 or 3.")
+    offload_optimizer: bool = Field(
+        default=False, description="Keep optimizer states in CPU memory (stage 2 or 3)."
+    )
+    offload_params: bool = Field(default=False, description="Keep parameters in CPU memory (stage 3).")
+    bf16: bool = Field(
+        default=True,
+        description="bf16 training in DeepSpeed; must agree with trainer.mixedPrecision "
+        "(true: auto or bf16, false: no or fp16).",
+    )
+    config: Optional[OpenObject] = Field(
+        default=None,
+        description="Raw DeepSpeed JSON merged over the generated one (stage 2 or 3). Batch sizes "
+        "always come from the trainer section.",
+    )
+
+    rules = (
+        Rule(
+            "offloadParams",
+            "offloadParams needs stage 3",
+            "!self.offloadParams || self.stage == 3",
+            lambda d: not d.offload_params or d.stage == 3,
+        ),
+        Rule(
+            "offloadOptimizer",
+            "offloadOptimizer needs stage 2 or 3",
+            "!self.offloadOptimizer || self.stage != 0",
+            lambda d: not d.offload_optimizer or d.stage != 0,
+        ),
+        Rule(
+            "config",
+            "a raw config needs stage 2 or 3 (stage 0 does not use DeepSpeed)",
+            "!has(self.config) || self.stage != 0",
+            lambda d: d.config is None or d.stage != 0,
+        ),
+    )
+
+
+def _owned_help(name: str) -> str:
+    return _camel_flags(CONFIG_FIELDS[name].metadata["help"])
+
+
+class HubSpec(_Model):
+    """``spec.hub``: pushing the trained model to the Hugging Face Hub."""
+
+    push: bool = Field(default=CONFIG_FIELDS["push_to_hub"].default, description=_owned_help("push_to_hub"))
+    repo_id: Optional[str] = Field(default=None, description=_owned_help("hf_repo_id"))
+    entity: Optional[str] = Field(default=None, description=_owned_help("hf_entity"))
+    revision: Optional[str] = Field(default=None, description=_owned_help("hf_repo_revision"))
+    private: bool = Field(
+        default=CONFIG_FIELDS["hf_repo_private"].default, description=_owned_help("hf_repo_private")
+    )
+    token_secret_ref: Optional[SecretKeyRef] = Field(
+        default=None,
+        description="Secret key holding the Hub token, exposed to the trainer as HF_TOKEN "
+        "(also used to download gated base models).",
+    )
+
+    rules = (
+        Rule(
+            "tokenSecretRef",
+            "push needs tokenSecretRef",
+            "!self.push || has(self.tokenSecretRef)",
+            lambda h: not h.push or h.token_secret_ref is not None,
+        ),
+    )
+
+
+class WandbSpec(_Model):
+    project: str = Field(
+        default=CONFIG_FIELDS["wandb_project_name"].default,
+        min_length=1,
+        description=_owned_help("wandb_project_name"),
+    )
+    entity: Optional[str] = Field(default=None, description=_owned_help("wandb_entity"))
+    api_key_secret_ref: SecretKeyRef = Field(description="Secret key holding the W&B API key (WANDB_API_KEY).")
+
+
+class TrackingSpec(_Model):
+    """``spec.tracking``: experiment tracking; present ``wandb`` turns Weights & Biases on."""
+
+    wandb: Optional[WandbSpec] = Field(default=None, description=_owned_help("with_tracking"))
+
+
+class RunPolicySpec(_Model):
+    """``spec.runPolicy``: how the workload is run, retried and cleaned up."""
+
+    backend: Literal["auto", "pytorchjob", "job"] = Field(
+        default="auto",
+        description="Workload kind: a Kubeflow PyTorchJob, an Indexed Job with a headless Service, "
+        "or auto (PyTorchJob when its CRD is installed).",
+    )
+    backoff_limit: int = Field(default=0, ge=0, description="Retries before the job is marked failed.")
+    active_deadline_seconds: Optional[int] = Field(
+        default=None, ge=1, description="Wall-clock limit of the whole run, in seconds."
+    )
+    ttl_seconds_after_finished: Optional[int] = Field(
+        default=None, ge=0, description="Delete the workload's pods this long after it finishes."
+    )
+    suspend: bool = Field(default=False, description="Create the workload suspended, or suspend a running one.")
+    queue_name: Optional[str] = Field(
+        default=None, min_length=1, description="Kueue LocalQueue to admit the workload through."
+    )
+
+
+class RewardModelJobSpec(_Model):
+    """The ``spec`` of a RewardModelJob."""
+
+    trainer: TrainerSpec = Field(  # type: ignore[valid-type]
+        description="Trainer settings: the rmjob-train flags, camelCase (Hub, W&B and DeepSpeed "
+        "settings have their own sections).",
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        json_schema_extra=_SECTION_DEFAULT,
+        description="Pods: topology, image, scheduling.",
+    )
+    deepspeed: DeepSpeedSpec = Field(
+        default_factory=DeepSpeedSpec, json_schema_extra=_SECTION_DEFAULT, description="DeepSpeed ZeRO."
+    )
+    hub: HubSpec = Field(
+        default_factory=HubSpec, json_schema_extra=_SECTION_DEFAULT, description="Hugging Face Hub upload."
+    )
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, json_schema_extra=_SECTION_DEFAULT, description="Experiment tracking."
+    )
+    run_policy: RunPolicySpec = Field(
+        default_factory=RunPolicySpec,
+        json_schema_extra=_SECTION_DEFAULT,
+        description="Run, retry and cleanup policy.",
+    )
+
+    rules = (
+        Rule(
+            "deepspeed.stage",
+            "DeepSpeed (stage 2 or 3) needs gpusPerNode >= 1",
+            "self.deepspeed.stage == 0 || self.resources.gpusPerNode >= 1",
+            lambda s: s.deepspeed.stage == 0 or s.resources.gpus_per_node >= 1,
+        ),
+        Rule(
+            "trainer.mixedPrecision",
+            "with DeepSpeed, mixedPrecision must agree with deepspeed.bf16 "
+            "(bf16 true: auto or bf16; false: no or fp16)",
+            "self.deepspeed.stage == 0 || (self.deepspeed.bf16 ? "
+            "self.trainer.mixedPrecision in ['auto', 'bf16'] : self.trainer.mixedPrecision in ['no', 'fp16'])",
+            lambda s: s.deepspeed.stage == 0
+            or s.trainer.mixed_precision in (("auto", "bf16") if s.deepspeed.bf16 else ("no", "fp16")),
+        ),
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.nodes * max(self.resources.gpus_per_node, 1)
+
+    def trainer_config(self) -> dict[str, Any]:
+        """The trainer.yaml contents: RewardConfig keys (snake_case), explicit values only."""
+        config = self.trainer.model_dump(exclude_none=True)
+        hub = self.hub
+        config.update(push_to_hub=hub.push, hf_repo_private=hub.private)
+        optional = {"hf_repo_id": hub.repo_id, "hf_entity": hub.entity, "hf_repo_revision": hub.revision}
+        config.update({key: value for key, value in optional.items() if value is not None})
+        wandb = self.tracking.wandb
+        config["with_tracking"] = wandb is not None
+        if wandb is not None:
+            config["wandb_project_name"] = wandb.project
+            if wandb.entity is not None:
+                config["wandb_entity"] = wandb.entity
+        if self.deepspeed.stage:
+            config["deepspeed"] = f"{CONFIG_MOUNT_PATH}/{DEEPSPEED_CONFIG_FILE}"
+        return config
+
+
+# --- status (written by the operator; the schema lives in the CRD) -----------------------
+
+PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+DateTime = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+
+
+class _Status(BaseModel):
+    """Status models only describe the schema; the operator writes plain dicts."""
+
+    model_config = ConfigDict(alias_generator=to_camel, extra="forbid")
+
+
+class Condition(_Status):
+    type: str = Field(description="Condition type (Created, Running, Succeeded, Failed, Suspended).")
+    status: Literal["True", "False", "Unknown"]
+    reason: Optional[str] = None
+    message: Optional[str] = None
+    last_transition_time: Optional[DateTime] = None
+    observed_generation: Optional[int] = None
+
+
+class WorkloadRef(_Status):
+    api_version: str
+    kind: str
+    name: str
+
+
+class Topology(_Status):
+    nodes: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    world_size: Optional[int] = Field(default=None, description="Training processes in all.")
+
+
+class Metrics(_Status):
+    step: Optional[int] = Field(default=None, description="Optimizer steps done.")
+    total_steps: Optional[int] = None
+    episode: Optional[int] = Field(default=None, description="Preference pairs consumed.")
+    epoch: Optional[float] = None
+    train_loss: Optional[float] = None
+    train_accuracy: Optional[float] = None
+    eval_loss: Optional[float] = None
+    eval_accuracy: Optional[float] = None
+    eval_reward_margin: Optional[float] = None
+
+
+class HubStatus(_Status):
+    repo: Optional[str] = None
+    revision: Optional[str] = None
+    commit: Optional[str] = None
+    url: Optional[str] = None
+
+
+class WandbStatus(_Status):
+    url: Optional[str] = None
+
+
+class RewardModelJobStatus(_Status):
+    phase: Optional[Literal[PHASES]] = None  # type: ignore[valid-type]
+    message: Optional[str] = Field(default=None, description="Human-readable state, e.g. why the job failed.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Standard Kubernetes conditions, one per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: Optional[int] = None
+    start_time: Optional[DateTime] = None
+    completion_time: Optional[DateTime] = None
+    workload: Optional[WorkloadRef] = Field(
+        default=None, description="The PyTorchJob or Job running the training."
+    )
+    metrics: Optional[Metrics] = Field(default=None, description="Latest training metrics (from status.training).")
+    hub: Optional[HubStatus] = Field(default=None, description="Where the model was pushed.")
+    wandb: Optional[WandbStatus] = None
+    topology: Optional[Topology] = Field(default=None, description="Nodes and processes of the workload.")
+    training: Optional[OpenObject] = Field(default=None, description="Progress reported by the trainer's rank 0.")
+    kopf: Optional[OpenObject] = Field(default=None, description="The operator framework's own bookkeeping.")
+
+
+# --- entry points ----------------------------------------------------------------------
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    parts = ["spec"]
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] += f"[{item}]"
+        elif item:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _message(error: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, _FieldError):
+        extra = tuple(cause.field.split(".")) if cause.field else ()
+        return error["loc"] + extra, str(cause)
+    if error["type"] == "extra_forbidden":
+        return error["loc"], "unknown field"
+    if isinstance(cause, ValueError):
+        return error["loc"], str(cause)
+    return error["loc"], error["msg"]
+
+
+def parse_spec(spec: dict[str, Any]) -> RewardModelJobSpec:
+    """A RewardModelJob's ``spec`` -> validated model; raises :class:`InvalidSpec`."""
+    if not isinstance(spec, dict):
+        raise InvalidSpec("spec", "must be an object")
+    try:
+        return RewardModelJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        errors = [(_path(loc), message) for loc, message in map(_message, exc.errors())]
+        raise InvalidSpec(*errors[0], errors=errors) from None
+
+
+def check_name(name: str) -> None:
+    """Job names become Service and pod host names; raises :class:`InvalidSpec`."""
+    if len(name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, name):
+        raise InvalidSpec("metadata.name", NAME_MESSAGE)
+
+
+NAME_MESSAGE = (
+    f"must be at most {MAX_NAME_LENGTH} characters of lowercase letters, digits and '-', "
+    "starting with a letter (it names the job's Service and pods)"
+)
+NAME_RULE_CEL = f"size(self.metadata.name) <= {MAX_NAME_LENGTH} && self.metadata.name.matches('{NAME_PATTERN}')"

@@ -1,0 +1,166 @@
+"""The Helm chart, rendered by the real helm binary and checked against Kubernetes' schemas."""
+
+from __future__ import annotations
+
+import filecmp
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import CHART, MANIFESTS, by_kind, run
+
+K8S_VERSION = kubernetes_validate.latest_version()
+# Kinds that are not built into Kubernetes: kubernetes_validate has no schema for them.
+CUSTOM_KINDS = {"KopfPeering", "ClusterKopfPeering"}
+
+VALUE_SETS = {
+    "defaults": [],
+    "namespace-scope": ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a,team-b}"],
+    "custom-image-resources-placement": [
+        "--set", "image.repository=registry.example.com/ml/rmjob-operator", "--set", "image.tag=1.2.3",
+        "--set", "trainerImage.tag=1.2.3-cu128",
+        "--set", "resources.requests.cpu=50m", "--set", "resources.limits.memory=1Gi",
+        "--set", "nodeSelector.pool=system", "--set", "tolerations[0].key=dedicated",
+        "--set", "tolerations[0].operator=Exists", "--set", "priorityClassName=system-cluster-critical",
+    ],
+    "peering-ha": ["--set", "peering.enabled=true", "--set", "replicaCount=2"],
+    "trainer-account": ["--set", "trainerServiceAccount.create=true",
+                        "--set", "trainerServiceAccount.namespaces={ml}"],
+}
+
+
+def operator_container(objects: list[dict]) -> dict:
+    (deployment,) = by_kind(objects, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize("flags", [[], ["--set", "rbac.scope=namespace"]], ids=["cluster", "namespace"])
+def test_helm_lint_strict(tools, flags):
+    run(tools / "helm", "lint", "--strict", CHART, *flags)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_rendered_objects_are_valid_kubernetes(helm_template, name):
+    objects = helm_template(*VALUE_SETS[name])
+    assert by_kind(objects, "Deployment")
+    for obj in objects:
+        if obj["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_operator_pod_is_locked_down(helm_template):
+    objects = helm_template()
+    pod = by_kind(objects, "Deployment")[0]["spec"]["template"]["spec"]
+    container = operator_container(objects)
+
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
+    assert container["resources"]["limits"] and container["resources"]["requests"]
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+
+
+def test_images_default_to_app_version_and_can_be_overridden(helm_template):
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    container = operator_container(helm_template())
+    assert container["image"] == f"ghcr.io/rmjob/rmjob-operator:{app_version}"
+    assert {"name": "RMJOB_TRAINER_IMAGE", "value": f"ghcr.io/rmjob/rmjob-trainer:{app_version}"} in container["env"]
+
+    objects = helm_template(*VALUE_SETS["custom-image-resources-placement"])
+    container = operator_container(objects)
+    pod = by_kind(objects, "Deployment")[0]["spec"]["template"]["spec"]
+    assert container["image"] == "registry.example.com/ml/rmjob-operator:1.2.3"
+    assert {"name": "RMJOB_TRAINER_IMAGE", "value": "ghcr.io/rmjob/rmjob-trainer:1.2.3-cu128"} in container["env"]
+    assert container["resources"]["requests"]["cpu"] == "50m"
+    assert container["resources"]["limits"]["memory"] == "1Gi"
+    assert pod["nodeSelector"] == {"pool": "system"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+
+
+def test_cluster_scope_watches_all_namespaces_with_one_cluster_role(helm_template):
+    objects = helm_template()
+    assert "--all-namespaces" in operator_container(objects)["args"]
+    assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
+    (role,) = by_kind(objects, "ClusterRole")
+    (binding,) = by_kind(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rmjob-operator", "namespace": "rmjob-system"}]
+    assert {"rmjob.dev", "batch", "kubeflow.org"} <= {g for rule in role["rules"] for g in rule["apiGroups"]}
+
+
+def test_namespace_scope_grants_roles_only_in_watched_namespaces(helm_template):
+    objects = helm_template(*VALUE_SETS["namespace-scope"])
+    args = operator_container(objects)["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+
+    roles = by_kind(objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(objects, "RoleBinding")) == ["team-a", "team-b"]
+    # Only cluster-scoped reads stay cluster-wide.
+    (cluster_role,) = by_kind(objects, "ClusterRole")
+    assert [r["resources"] for r in cluster_role["rules"]] == [["customresourcedefinitions"]]
+    assert all(rule["apiGroups"] != ["apiextensions.k8s.io"] for rule in roles[0]["rules"])
+
+
+def test_namespace_scope_defaults_to_the_release_namespace(helm_template):
+    objects = helm_template("--set", "rbac.scope=namespace")
+    assert [r["metadata"]["namespace"] for r in by_kind(objects, "Role")] == ["rmjob-system"]
+    assert "--namespace=rmjob-system" in operator_container(objects)["args"]
+
+
+def test_peering_adds_the_peering_object_and_its_permissions(helm_template):
+    objects = helm_template(*VALUE_SETS["peering-ha"])
+    assert "--peering=rmjob-operator" in operator_container(objects)["args"]
+    assert [p["metadata"]["name"] for p in by_kind(objects, "ClusterKopfPeering")] == ["rmjob-operator"]
+    (role,) = by_kind(objects, "ClusterRole")
+    assert {"resources": ["clusterkopfpeerings"], "apiGroups": ["kopf.dev"],
+            "verbs": ["get", "list", "watch", "patch"]} in role["rules"]
+
+    objects = helm_template(*VALUE_SETS["peering-ha"], *VALUE_SETS["namespace-scope"])
+    assert sorted(p["metadata"]["namespace"] for p in by_kind(objects, "KopfPeering")) == ["team-a", "team-b"]
+
+
+def test_trainer_service_account_may_only_patch_job_status(helm_template):
+    objects = helm_template(*VALUE_SETS["trainer-account"])
+    (account,) = [a for a in by_kind(objects, "ServiceAccount") if a["metadata"]["namespace"] == "ml"]
+    (role,) = by_kind(objects, "Role")
+    assert role["metadata"] == {**role["metadata"], "name": "rmjob-trainer", "namespace": "ml"}
+    assert role["rules"] == [{"apiGroups": ["rmjob.dev"], "resources": ["rewardmodeljobs/status"], "verbs": ["patch"]}]
+    (binding,) = by_kind(objects, "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "ml"}]
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--set", "replicaCount=-1"], "/replicaCount"),
+    (["--set-string", "replicaCount=two"], "/replicaCount"),
+    (["--set", "rbac.scope=cluster-wide"], "/rbac/scope"),
+    (["--set", "watchNamespaces={Team_A}"], "/watchNamespaces/0"),
+    (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+    (["--set", "replicas=2"], "additional properties 'replicas' not allowed"),
+    (["--set", "replicaCount=2"], "needs peering.enabled=true"),
+])
+def test_bad_values_are_rejected(tools, flags, error):
+    result = run(tools / "helm", "template", "r", CHART, *flags, check=False)
+    assert result.returncode != 0
+    assert error in result.stderr
+
+
+def test_notes_render(tools):
+    result = run(tools / "helm", "install", "r", CHART, "--dry-run=client", "--namespace", "ml")
+    assert "reconciles RewardModelJobs in all namespaces" in result.stdout
+
+
+def test_chart_crd_is_the_generated_one():
+    assert filecmp.cmp(CHART / "crds" / "rewardmodeljobs.yaml", MANIFESTS / "crd.yaml", shallow=False), (
+        "charts/rmjob-operator/crds/rewardmodeljobs.yaml differs from manifests/crd.yaml: run `make crd`"
+    )

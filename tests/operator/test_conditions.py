@@ -1,0 +1,86 @@
+"""conditions.py as tables: workload status -> phase, and the condition bookkeeping rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from rmjob_operator import conditions as cond
+
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z"
+
+
+def kf(*types: str) -> dict:
+    return {"conditions": [{"type": t, "status": "True", "reason": f"R{t}", "message": t} for t in types]}
+
+
+@pytest.mark.parametrize(("status", "phase"), [
+    ({}, "Pending"),
+    (kf("Created"), "Pending"),
+    (kf("Created", "Running"), "Running"),
+    (kf("Created", "Restarting"), "Running"),
+    (kf("Created", "Running", "Suspended"), "Suspended"),
+    (kf("Created", "Running", "Succeeded"), "Succeeded"),
+    (kf("Created", "Failed"), "Failed"),
+    ({"conditions": [{"type": "Running", "status": "False"}]}, "Pending"),
+])
+def test_pytorchjob_state(status: dict, phase: str) -> None:
+    assert cond.workload_state("PyTorchJob", status).phase == phase
+
+
+@pytest.mark.parametrize(("status", "phase"), [
+    (None, "Pending"),
+    ({"active": 0}, "Pending"),
+    ({"active": 3}, "Running"),
+    (kf("Suspended"), "Suspended"),
+    ({"active": 1, **kf("Complete")}, "Succeeded"),
+    (kf("Failed"), "Failed"),
+])
+def test_job_state(status: dict | None, phase: str) -> None:
+    assert cond.workload_state("Job", status).phase == phase
+
+
+def test_transition_time_moves_only_when_status_flips() -> None:
+    conditions = cond.set_condition([], "Running", True, "R", "m", 1, T0)
+    same = cond.set_condition(conditions, "Running", True, "R2", "m2", 2, T1)
+    assert same == [{"type": "Running", "status": "True", "reason": "R2", "message": "m2",
+                     "lastTransitionTime": T0, "observedGeneration": 2}]
+    flipped = cond.set_condition(same, "Running", False, "Done", "", 2, T1)
+    assert flipped[0]["lastTransitionTime"] == T1 and flipped[0]["status"] == "False"
+
+
+def owner(phase: str | None = None, conditions: list | None = None, **run_policy: object) -> dict:
+    return {"spec": {"runPolicy": run_policy},
+            "status": {"phase": phase, "conditions": conditions or [], "observedGeneration": 3}}
+
+
+def test_running_then_succeeded() -> None:
+    running = cond.workload_status_patch(owner("Pending"), "Job", {"active": 2}, T0)
+    assert running["phase"] == "Running" and running["message"] == "2 pod(s) active"
+    assert running["conditions"][0]["observedGeneration"] == 3
+    done = cond.workload_status_patch(owner("Running", running["conditions"]), "Job", kf("Complete"), T1)
+    assert done["phase"] == "Succeeded" and done["completionTime"] == T1
+    by_type = {c["type"]: c["status"] for c in done["conditions"]}
+    assert by_type == {"Running": "False", "Succeeded": "True"}  # no False entries for unreached states
+
+
+def test_terminal_phase_is_sticky() -> None:
+    assert cond.workload_status_patch(owner("Succeeded"), "Job", {"active": 1}, T0) == {}
+
+
+def test_suspension_the_user_did_not_ask_for_is_queueing() -> None:
+    queued = cond.workload_status_patch(owner("Pending", queueName="gpus"), "Job", kf("Suspended"), T0)
+    assert queued["phase"] == "Pending" and "gpus" in queued["message"]
+    suspended = cond.workload_status_patch(owner("Running", suspend=True), "Job", kf("Suspended"), T0)
+    assert suspended["phase"] == "Suspended"
+
+
+def test_changed_drops_no_op_keys() -> None:
+    assert cond.changed({"phase": "Running", "message": "a"}, {"phase": "Running", "message": "b"}) == {"message": "b"}
+
+
+def test_training_status_copies_metrics_hub_and_wandb() -> None:
+    training = {"step": 1, "trainLoss": 0.5, "hub": {"repo": "o/r"}, "wandbUrl": "https://w", "done": True,
+                "updateTime": T0}
+    assert cond.training_status(training) == {
+        "metrics": {"step": 1, "trainLoss": 0.5}, "hub": {"repo": "o/r"}, "wandb": {"url": "https://w"},
+    }

@@ -1,0 +1,260 @@
+"""The real operator (kopf + handlers.py) against KMock: creation, progress, updates, deletion."""
+
+from __future__ import annotations
+
+import asyncio
+
+import kmock
+import pytest
+import yaml
+
+from rmjob_operator.kube import KubeApi
+
+from kmock_cluster import (
+    CONFIGMAPS, JOBS, NAMESPACE, PYTORCHJOBS, REPO, RMJ, Cluster, api, collect_garbage, condition, new_job,
+    phase_is, rmj, rmj_path, running_operator, wait_for,
+)
+
+PTJ_STATUS = f"/apis/kubeflow.org/v1/namespaces/{NAMESPACE}/pytorchjobs/rm-test/status"
+PTJ = f"/apis/kubeflow.org/v1/namespaces/{NAMESPACE}/pytorchjobs/rm-test"
+JOB_STATUS = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/rm-test/status"
+
+
+def kubeflow_condition(type_: str, status: str = "True", reason: str = "", message: str = "") -> dict:
+    return {"type": type_, "status": status, "reason": reason or f"PyTorchJob{type_}", "message": message}
+
+
+async def started(cluster: Cluster, body: dict, workload: str) -> dict:
+    """Create the job and wait until kopf has finished its creation handlers."""
+    await api(cluster, "post", rmj_path(), body)
+    await wait_for(lambda: rmj(cluster).get("status", {}).get("kopf", {}).get("lastHandledSpec"),
+                   message="creation handled")
+    return await wait_for(lambda: cluster.get(workload, "rm-test"), message="the workload")
+
+
+async def test_job_backend_creates_owned_children(cluster: Cluster, operator: asyncio.Task) -> None:
+    await started(cluster, new_job(), JOBS)
+    job = rmj(cluster)
+    owned = [obj for obj in cluster.objects.values() if not obj.deleted
+             if any(ref["uid"] == job["metadata"]["uid"] for ref in obj.get("metadata", {}).get("ownerReferences", []))]
+    kinds = sorted(obj["kind"] for obj in owned)
+    assert kinds == ["ConfigMap", "Job", "Role", "RoleBinding", "Service", "ServiceAccount"]
+    for obj in owned:
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref["kind"] == "RewardModelJob" and ref["name"] == "rm-test" and ref["controller"] is True
+    assert cluster.get(CONFIGMAPS, "rm-test-config") is not None
+    status = job["status"]
+    assert status["workload"] == {"apiVersion": "batch/v1", "kind": "Job", "name": "rm-test"}
+    assert status["topology"] == {"nodes": 2, "gpusPerNode": 4, "worldSize": 8}
+    assert status["observedGeneration"] == 1 and status["startTime"]
+    assert condition(job, "Created")["status"] == "True"
+    await wait_for(lambda: cluster.events_for("rm-test"), message="an event")
+    assert [e["reason"] for e in cluster.events_for("rm-test")] == ["Pending"]
+    assert job["status"]["phase"] == "Pending"
+    assert "kopf.zalando.org" not in str(job["metadata"])  # kopf's state lives in status (no GitOps drift)
+
+
+async def test_auto_backend_picks_pytorchjob_when_its_crd_is_served(with_pytorchjob_crd: Cluster,
+                                                                   operator: asyncio.Task) -> None:
+    cluster = with_pytorchjob_crd
+    workload = await started(cluster, new_job(), PYTORCHJOBS)
+    assert workload["metadata"]["ownerReferences"][0]["name"] == "rm-test"
+    assert cluster.get(JOBS, "rm-test") is None
+    assert rmj(cluster)["status"]["workload"]["kind"] == "PyTorchJob"
+
+
+async def test_pytorchjob_progress_drives_phase_conditions_and_events(with_pytorchjob_crd: Cluster,
+                                                                     operator: asyncio.Task) -> None:
+    cluster = with_pytorchjob_crd
+    await started(cluster, new_job(), PYTORCHJOBS)
+    created = kubeflow_condition("Created")
+    running = kubeflow_condition("Running", message="PyTorchJob rm-test is running.")
+    await api(cluster, "patch", PTJ_STATUS, {"status": {"conditions": [created, running]}})
+    await wait_for(phase_is(cluster, "Running"))
+    assert condition(rmj(cluster), "Running")["message"] == "PyTorchJob rm-test is running."
+
+    done = [created, {**running, "status": "False"}, kubeflow_condition("Succeeded")]
+    await api(cluster, "patch", PTJ_STATUS, {"status": {"conditions": done}})
+    await wait_for(phase_is(cluster, "Succeeded"))
+    job = rmj(cluster)
+    assert condition(job, "Succeeded")["status"] == "True"
+    assert condition(job, "Running")["status"] == "False"
+    assert condition(job, "Succeeded")["observedGeneration"] == 1
+    assert job["status"]["completionTime"]
+    await wait_for(lambda: len(cluster.events_for("rm-test")) == 3)
+    assert [e["reason"] for e in cluster.events_for("rm-test")] == ["Pending", "Running", "Succeeded"]
+
+
+async def test_job_failure_is_reported_with_the_job_controllers_reason(cluster: Cluster,
+                                                                       operator: asyncio.Task) -> None:
+    await started(cluster, new_job(), JOBS)
+    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 2}})
+    await wait_for(phase_is(cluster, "Running"))
+    failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+              "message": "Job has reached the specified backoff limit"}
+    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 0, "failed": 1, "conditions": [failed]}})
+    await wait_for(phase_is(cluster, "Failed"))
+    assert condition(rmj(cluster), "Failed")["reason"] == "BackoffLimitExceeded"
+    await wait_for(lambda: any(e["type"] == "Warning" and e["reason"] == "Failed"
+                               for e in cluster.events_for("rm-test")))
+    # A finished job stays finished whatever the workload does next.
+    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 1}})
+    await asyncio.sleep(0.5)
+    assert rmj(cluster)["status"]["phase"] == "Failed"
+
+
+async def test_restart_mid_reconcile_leaves_exactly_one_workload(cluster: Cluster,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill the operator after it created the workload but before it recorded it, then restart."""
+    original_create = KubeApi.create
+    workload_created = asyncio.Event()
+
+    async def create_then_hang_after_workload(self: KubeApi, obj: dict) -> dict:
+        result = await original_create(self, obj)
+        if obj["kind"] == "Job":
+            workload_created.set()
+            await asyncio.Event().wait()  # the operator dies here
+        return result
+
+    monkeypatch.setattr(KubeApi, "create", create_then_hang_after_workload)
+    async with running_operator() as task:
+        await api(cluster, "post", rmj_path(), new_job())
+        await asyncio.wait_for(workload_created.wait(), 10)
+        task.cancel()  # a crash: no graceful shutdown
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    first = cluster.get(JOBS, "rm-test")
+    assert "workload" not in rmj(cluster).get("status", {})
+
+    monkeypatch.setattr(KubeApi, "create", original_create)
+    async with running_operator():
+        await wait_for(lambda: rmj(cluster).get("status", {}).get("workload"), message="status.workload")
+        await wait_for(phase_is(cluster, "Pending"))
+    assert [j["metadata"]["uid"] for j in cluster.live(JOBS)] == [first["metadata"]["uid"]]
+    assert len(cluster.live(CONFIGMAPS)) == 1
+
+
+async def test_suspend_and_resume_go_to_the_workload(with_pytorchjob_crd: Cluster, operator: asyncio.Task) -> None:
+    cluster = with_pytorchjob_crd
+    await started(cluster, new_job(), PYTORCHJOBS)
+    await api(cluster, "patch", PTJ_STATUS, {"status": {"conditions": [kubeflow_condition("Running")]}})
+    await wait_for(phase_is(cluster, "Running"))
+
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"runPolicy": {"suspend": True}}})
+    await wait_for(lambda: cluster.get(PYTORCHJOBS, "rm-test")["spec"]["runPolicy"]["suspend"] is True)
+    suspended = [kubeflow_condition("Running", "False"), kubeflow_condition("Suspended")]
+    await api(cluster, "patch", PTJ_STATUS, {"status": {"conditions": suspended}})  # training-operator's answer
+    await wait_for(phase_is(cluster, "Suspended"))
+    assert rmj(cluster)["status"]["observedGeneration"] == 2
+
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"runPolicy": {"suspend": False}}})
+    await wait_for(lambda: cluster.get(PYTORCHJOBS, "rm-test")["spec"]["runPolicy"]["suspend"] is False)
+    resumed = [kubeflow_condition("Running"), kubeflow_condition("Suspended", "False")]
+    await api(cluster, "patch", PTJ_STATUS, {"status": {"conditions": resumed}})
+    await wait_for(phase_is(cluster, "Running"))
+    reasons = [e["reason"] for e in cluster.events_for("rm-test")]
+    assert reasons.count("SpecApplied") == 2 and "Suspended" in reasons
+
+
+async def test_kueue_suspension_reads_as_pending_not_suspended(cluster: Cluster, operator: asyncio.Task) -> None:
+    body = new_job(runPolicy={"queueName": "gpu-queue", "backend": "job"})
+    job = await started(cluster, body, JOBS)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    queued = {"type": "Suspended", "status": "True", "reason": "JobSuspended", "message": "Job suspended"}
+    await api(cluster, "patch", JOB_STATUS, {"status": {"conditions": [queued]}})
+    await wait_for(lambda: condition(rmj(cluster), "Suspended") is None
+                   and "gpu-queue" in rmj(cluster)["status"]["message"])
+    assert rmj(cluster)["status"]["phase"] == "Pending"
+    admitted = {**queued, "status": "False", "reason": "JobResumed"}
+    await api(cluster, "patch", JOB_STATUS, {"status": {"conditions": [admitted], "active": 2}})
+    await wait_for(phase_is(cluster, "Running"))
+
+
+async def test_trainer_spec_change_of_a_started_job_is_refused(cluster: Cluster, operator: asyncio.Task) -> None:
+    workload = await started(cluster, new_job(), JOBS)
+    config = cluster.get(CONFIGMAPS, "rm-test-config")
+    trainer = new_job()["spec"]["trainer"]
+
+    # An unsafe change bundled with a safe one: neither is applied (no half-way updates).
+    edit = {"spec": {"trainer": {**trainer, "learningRate": 1e-5}, "runPolicy": {"suspend": True}}}
+    await api(cluster, "patch", rmj_path("rm-test"), edit)
+    refused = await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused"))
+    assert refused["status"] == "True"
+    assert "spec.trainer.learningRate" in refused["message"] and "spec.runPolicy.suspend" in refused["message"]
+    assert cluster.get(JOBS, "rm-test")["metadata"]["resourceVersion"] == workload["metadata"]["resourceVersion"]
+    assert cluster.get(CONFIGMAPS, "rm-test-config") == config
+    assert rmj(cluster)["status"]["observedGeneration"] == 1
+    await wait_for(lambda: any(e["reason"] == "SpecChangeRefused" and e["type"] == "Warning"
+                               for e in cluster.events_for("rm-test")))
+
+    # Reverting the trainer change makes the spec match the workload again; suspend now applies.
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"trainer": trainer}})
+    await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused")["status"] == "False")
+    assert cluster.get(JOBS, "rm-test")["spec"]["suspend"] is True  # re-sent with the revert
+    assert rmj(cluster)["status"]["observedGeneration"] == 3
+
+
+async def test_delete_leaves_cleanup_to_the_garbage_collector(cluster: Cluster, operator: asyncio.Task) -> None:
+    await started(cluster, new_job(), JOBS)
+    assert "finalizers" not in rmj(cluster)["metadata"]  # deletion never waits for the operator
+    await api(cluster, "delete", rmj_path("rm-test"))
+    await wait_for(lambda: cluster.get(RMJ, "rm-test") is None)
+    collected = await collect_garbage(cluster)
+    assert len(collected) == 6
+    await asyncio.sleep(0.5)  # the operator must not resurrect anything for a deleted job
+    assert cluster.live(JOBS) == [] and cluster.live(CONFIGMAPS) == []
+
+
+INVALID = [
+    ("learning rate", {"trainer": {**new_job()["spec"]["trainer"], "learningRate": -1}}, "spec.trainer.learningRate"),
+    ("unknown field", {"resources": {"nodes": 1, "gpuz": 2}}, "spec.resources.gpuz"),
+    ("no dataset", {"trainer": {"modelNameOrPath": "m"}}, "spec.trainer.datasetMixer"),
+]
+
+
+async def test_invalid_specs_fail_once_without_crashing_or_looping(cluster: Cluster, operator: asyncio.Task) -> None:
+    for i, (_, sections, field) in enumerate(INVALID):
+        await api(cluster, "post", rmj_path(), new_job(f"bad-{i}", **sections))
+    for i, (case, _, field) in enumerate(INVALID):
+        await wait_for(phase_is(cluster, "Failed", f"bad-{i}"), message=case)
+        invalid = condition(rmj(cluster, f"bad-{i}"), "InvalidSpec")
+        assert invalid["status"] == "True" and invalid["message"].startswith(field), (case, invalid)
+        await wait_for(lambda: rmj(cluster, f"bad-{i}")["status"].get("kopf", {}).get("lastHandledSpec"))
+        await wait_for(lambda: cluster.events_for(f"bad-{i}"))
+    writes = [r for r in cluster if r.method != kmock.method.GET]
+    await asyncio.sleep(1.0)
+    assert [r for r in cluster if r.method != kmock.method.GET] == writes  # settled: no retry loop
+    for i, _ in enumerate(INVALID):
+        assert [e["reason"] for e in cluster.events_for(f"bad-{i}")] == ["Failed"]
+    assert not operator.done()
+    assert cluster.live(JOBS) == [] and cluster.live(CONFIGMAPS) == []
+
+    # Fixing the spec starts the job.
+    await api(cluster, "patch", rmj_path("bad-2"), {"spec": new_job()["spec"]})
+    await wait_for(phase_is(cluster, "Pending", "bad-2"))
+    assert condition(rmj(cluster, "bad-2"), "InvalidSpec")["status"] == "False"
+    assert cluster.get(JOBS, "bad-2") is not None
+
+
+def example_jobs() -> list[dict]:
+    docs = [doc for path in sorted((REPO / "manifests" / "examples").glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [doc for doc in docs if doc.get("kind") == "RewardModelJob"]
+
+
+async def test_every_example_creates_its_workload(with_pytorchjob_crd: Cluster, operator: asyncio.Task) -> None:
+    cluster = with_pytorchjob_crd
+    examples = example_jobs()
+    if not examples:
+        pytest.skip("no manifests/examples/*.yaml yet")
+    for doc in examples:
+        doc["metadata"]["namespace"] = NAMESPACE
+        await api(cluster, "post", rmj_path(), doc)
+    for doc in examples:
+        name = doc["metadata"]["name"]
+        await wait_for(phase_is(cluster, "Pending", name), message=f"example {name}")
+        ref = rmj(cluster, name)["status"]["workload"]
+        resource = PYTORCHJOBS if ref["kind"] == "PyTorchJob" else JOBS
+        assert cluster.get(resource, name)["metadata"]["ownerReferences"][0]["name"] == name
+        assert cluster.get(CONFIGMAPS, f"{name}-config") is not None
+

@@ -1,0 +1,309 @@
+"""render_children: valid Kubernetes objects, wired together as the design says."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import kubernetes_validate
+import pytest
+import yaml
+from kube_schema import REPO, schema_errors
+from test_invalid_specs import FULL, MINIMAL, SECRET, resource, with_changes
+
+from rmjob_operator import render
+from rmjob_operator.spec import InvalidSpec
+
+K8S_VERSION = "1.33"
+PYTORCHJOB_CRD = REPO.parent / "shared" / "reference" / "crds" / "kubeflow.org_pytorchjobs.v1.9.0.yaml"
+WANDB = {"wandb": {"apiKeySecretRef": {"name": "wandb", "key": "api-key"}}}
+
+
+def job(spec: dict | None = None, name: str = "rm-sentiment") -> dict:
+    body = resource(copy.deepcopy(spec or MINIMAL), name)
+    body["metadata"].update(uid="0b4c1a8e-1111-2222-3333-444455556666", generation=1)
+    return body
+
+
+def by_kind(children: list[dict]) -> dict[str, dict]:
+    return {child["kind"]: child for child in children}
+
+
+def pod_spec(workload: dict, replica: str = "Master") -> dict:
+    if workload["kind"] == "PyTorchJob":
+        return workload["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]
+    return workload["spec"]["template"]["spec"]
+
+
+def env_of(workload: dict) -> dict[str, dict]:
+    [container] = pod_spec(workload)["containers"]
+    return {env["name"]: env for env in container["env"]}
+
+
+@pytest.fixture(scope="module")
+def pytorchjob_schema() -> dict:
+    if not PYTORCHJOB_CRD.exists():
+        pytest.skip(f"Kubeflow PyTorchJob CRD not found at {PYTORCHJOB_CRD} (shared/ sits beside the repo)")
+    crd = yaml.safe_load(PYTORCHJOB_CRD.read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+SPECS = {
+    "minimal": MINIMAL,
+    "full": FULL,
+    "three nodes": with_changes(MINIMAL, resources={"nodes": 3, "gpusPerNode": 4}, tracking=WANDB),
+    "cpu": with_changes(MINIMAL, resources={"gpusPerNode": 0}),
+}
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_pytorchjob_validates_against_the_kubeflow_crd(pytorchjob_schema, spec):
+    workload = by_kind(render.render_children(job(spec), "pytorchjob"))["PyTorchJob"]
+    assert schema_errors(pytorchjob_schema, workload) == []
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+def test_core_objects_validate_with_kubernetes_schemas(spec, backend):
+    for child in render.render_children(job(spec), backend):
+        if child["kind"] == "PyTorchJob":  # its pod templates are core objects too
+            for replica in child["spec"]["pytorchReplicaSpecs"].values():
+                template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                            "template": replica["template"]}
+                kubernetes_validate.validate(template, K8S_VERSION, strict=True)
+        else:
+            kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+def test_children_in_creation_order():
+    def kinds(backend: str) -> list[str]:
+        return [c["kind"] for c in render.render_children(job(), backend)]
+
+    assert kinds("pytorchjob") == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PyTorchJob"]
+    assert kinds("job") == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Service", "Job"]
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+def test_names_labels_namespace_and_no_owner_references(backend):
+    for child in render.render_children(job(), backend):
+        meta = child["metadata"]
+        assert meta["namespace"] == "default"
+        assert meta["name"] in {"rm-sentiment", "rm-sentiment-config", "rm-sentiment-trainer"}
+        assert meta["labels"] == {"app.kubernetes.io/name": "rmjob", "app.kubernetes.io/managed-by": "rmjob-operator",
+                                  "rmjob.dev/job-name": "rm-sentiment"}
+        assert "ownerReferences" not in meta
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+def test_workload_ref_names_the_rendered_workload(backend):
+    ref = render.workload_ref(job(), backend)
+    workload = render.render_children(job(), backend)[-1]
+    assert ref == {"apiVersion": workload["apiVersion"], "kind": workload["kind"], "name": "rm-sentiment"}
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+def test_rendering_is_deterministic(backend):
+    reordered = job(FULL)
+    reordered["spec"] = dict(reversed(list(reordered["spec"].items())))
+    first = render.render_children(job(FULL), backend)
+    assert render.render_children(job(FULL), backend) == first
+    assert json.dumps(render.render_children(reordered, backend)) == json.dumps(first)
+
+
+def test_pytorchjob_master_and_workers():
+    workload = by_kind(render.render_children(job(SPECS["three nodes"]), "pytorchjob"))["PyTorchJob"]
+    replicas = workload["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 2)
+    assert workload["spec"]["nprocPerNode"] == "4"
+    [container] = pod_spec(workload, "Worker")["containers"]
+    assert container["name"] == "pytorch"
+    assert container["command"][:3] == ["torchrun", "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)"]
+    assert container["command"][3:] == ["-m", "rmjob_trainer", "--config", "/etc/rmjob/trainer.yaml"]
+    assert container["ports"][0]["name"] == "pytorchjob-port"
+
+
+def test_single_node_pytorchjob_has_no_worker():
+    workload = by_kind(render.render_children(job(), "pytorchjob"))["PyTorchJob"]
+    assert list(workload["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+
+
+def test_pytorchjob_run_policy():
+    spec = with_changes(MINIMAL, runPolicy={"backoffLimit": 3, "activeDeadlineSeconds": 600,
+                                            "ttlSecondsAfterFinished": 60, "suspend": True})
+    workload = by_kind(render.render_children(job(spec), "pytorchjob"))["PyTorchJob"]
+    assert workload["spec"]["runPolicy"] == {"backoffLimit": 3, "activeDeadlineSeconds": 600,
+                                             "ttlSecondsAfterFinished": 60, "suspend": True,
+                                             "cleanPodPolicy": "Running"}
+
+
+def test_indexed_job_and_headless_service():
+    children = by_kind(render.render_children(job(SPECS["three nodes"]), "job"))
+    service, workload = children["Service"], children["Job"]
+    assert service["metadata"]["name"] == "rm-sentiment"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"rmjob.dev/job-name": "rm-sentiment"}
+    assert workload["spec"]["template"]["metadata"]["labels"]["rmjob.dev/job-name"] == "rm-sentiment"
+    spec = workload["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    assert pod_spec(workload)["subdomain"] == service["metadata"]["name"]
+    assert pod_spec(workload)["restartPolicy"] == "Never"  # required by podFailurePolicy
+    [container] = pod_spec(workload)["containers"]
+    assert container["command"] == ["torchrun", "-m", "rmjob_trainer", "--config", "/etc/rmjob/trainer.yaml"]
+
+
+def test_job_backend_node_rank_and_rendezvous_env():
+    env = env_of(by_kind(render.render_children(job(SPECS["three nodes"]), "job"))["Job"])
+    assert env["PET_NNODES"]["value"] == "3"
+    assert env["PET_NPROC_PER_NODE"]["value"] == "4"
+    assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    assert env["PET_MASTER_ADDR"]["value"] == "rm-sentiment-0.rm-sentiment"
+    assert env["PET_MASTER_PORT"]["value"] == "29500"
+
+
+def test_job_backend_fails_the_gang_together():
+    spec = with_changes(MINIMAL, runPolicy={"backoffLimit": 2, "activeDeadlineSeconds": 600,
+                                            "ttlSecondsAfterFinished": 60, "suspend": True})
+    workload = by_kind(render.render_children(job(spec), "job"))["Job"]["spec"]
+    assert (workload["backoffLimit"], workload["activeDeadlineSeconds"]) == (2, 600)
+    assert (workload["ttlSecondsAfterFinished"], workload["suspend"]) == (60, True)
+    fail_job = [r for r in workload["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+    assert fail_job[0]["onExitCodes"] == {"containerName": "pytorch", "operator": "NotIn", "values": [0]}
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+def test_secrets_only_by_reference(backend):
+    spec = with_changes(FULL)
+    env = env_of(render.render_children(job(spec), backend)[-1])
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": SECRET}}
+    assert env["WANDB_API_KEY"] == {"name": "WANDB_API_KEY",
+                                    "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}}
+    for child in render.render_children(job(spec), backend):
+        assert child["kind"] != "Secret"
+
+
+def test_no_secret_env_without_refs():
+    env = env_of(by_kind(render.render_children(job(), "job"))["Job"])
+    assert "HF_TOKEN" not in env and "WANDB_API_KEY" not in env
+    assert env["RMJOB_JOB_NAME"]["value"] == "rm-sentiment" and env["RMJOB_NAMESPACE"]["value"] == "default"
+
+
+def test_user_env_comes_before_the_operators_and_may_move_caches():
+    spec = with_changes(MINIMAL, resources={"env": [{"name": "HF_HOME", "value": "/data/hf"}]})
+    [container] = pod_spec(by_kind(render.render_children(job(spec), "job"))["Job"])["containers"]
+    names = [env["name"] for env in container["env"]]
+    assert len(names) == len(set(names))
+    assert env_of(by_kind(render.render_children(job(spec), "job"))["Job"])["HF_HOME"]["value"] == "/data/hf"
+    assert names.index("HF_HOME") < names.index("RMJOB_JOB_NAME") < names.index("PET_NODE_RANK")
+
+
+def test_pod_settings_from_the_spec():
+    workload = by_kind(render.render_children(job(FULL), "pytorchjob"))["PyTorchJob"]
+    pod = pod_spec(workload)
+    res = FULL["resources"]
+    assert pod["nodeSelector"] == res["nodeSelector"]
+    assert pod["tolerations"] == res["tolerations"]
+    assert pod["affinity"] == res["affinity"]
+    assert pod["priorityClassName"] == "training"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["serviceAccountName"] == "rm-sentiment-trainer"
+    # The trainer image's user, and mounted volumes writable by it.
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == 10001
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    [container] = pod["containers"]
+    assert container["image"] == "registry.example/rmjob-trainer:1"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    assert container["resources"] == {"requests": {"cpu": "32", "memory": "400Gi"},
+                                      "limits": {"memory": "400Gi", "nvidia.com/gpu": 8}}
+
+
+def test_volumes_config_shm_caches_and_user_output():
+    pod = pod_spec(by_kind(render.render_children(job(FULL), "job"))["Job"])
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/etc/rmjob"]]["configMap"] == {"name": "rm-sentiment-config"}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
+    assert "emptyDir" in volumes[mounts["/cache"]]
+    assert volumes[mounts["/output"]] == {"name": "out", "persistentVolumeClaim": {"claimName": "rm-out"}}
+    assert "rmjob-output" not in volumes
+
+
+def test_output_is_an_empty_dir_by_default():
+    pod = pod_spec(by_kind(render.render_children(job(), "job"))["Job"])
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {v["name"]: v for v in pod["volumes"]}[mounts["/output"]]["emptyDir"] == {}
+
+
+def test_cpu_job_requests_no_gpu():
+    workload = by_kind(render.render_children(job(SPECS["cpu"]), "pytorchjob"))["PyTorchJob"]
+    assert workload["spec"]["nprocPerNode"] == "1"
+    assert pod_spec(workload)["containers"][0]["resources"] == {}
+
+
+def test_image_default_and_override():
+    def image(body: dict, **kwargs) -> str:
+        return pod_spec(render.render_children(body, "job", **kwargs)[-1])["containers"][0]["image"]
+
+    assert image(job()) == render.DEFAULT_IMAGE
+    assert image(job(), default_image="registry.local/trainer:dev") == "registry.local/trainer:dev"
+    assert image(job(FULL), default_image="registry.local/trainer:dev") == "registry.example/rmjob-trainer:1"
+
+
+def test_service_account_override():
+    spec = with_changes(MINIMAL, resources={"serviceAccountName": "team-sa"})
+    assert pod_spec(render.render_children(job(spec), "job")[-1])["serviceAccountName"] == "team-sa"
+
+
+def test_trainer_role_may_only_patch_this_jobs_status():
+    children = render.render_children(job(), "job")
+    role = next(c for c in children if c["kind"] == "Role")
+    assert role["rules"] == [{"apiGroups": ["rmjob.dev"], "resources": ["rewardmodeljobs/status"],
+                              "resourceNames": ["rm-sentiment"], "verbs": ["patch"]}]
+    binding = next(c for c in children if c["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rm-sentiment-trainer", "namespace": "default"}]
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+def test_kueue_queue_label_only_with_a_queue(backend):
+    labelled = render.render_children(job(FULL), backend)[-1]["metadata"]["labels"]
+    assert labelled["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert "kueue.x-k8s.io/queue-name" not in render.render_children(job(), backend)[-1]["metadata"]["labels"]
+
+
+def test_config_map_holds_trainer_yaml_and_deepspeed_json():
+    config_map = by_kind(render.render_children(job(FULL), "job"))["ConfigMap"]
+    assert config_map["metadata"]["name"] == "rm-sentiment-config"
+    trainer = yaml.safe_load(config_map["data"]["trainer.yaml"])
+    assert trainer["deepspeed"] == "/etc/rmjob/deepspeed.json"
+    assert trainer["per_device_train_batch_size"] == 16
+    ds = json.loads(config_map["data"]["deepspeed.json"])
+    assert ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 16 * 4 * 2 * 8
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == 1.0  # from the raw override
+
+
+def test_raw_deepspeed_override_is_merged_but_cannot_change_batch_sizes():
+    spec = with_changes(MINIMAL, deepspeed={"stage": 2, "config": {
+        "zero_optimization": {"reduce_bucket_size": 5e8}, "train_micro_batch_size_per_gpu": 99}})
+    ds = json.loads(by_kind(render.render_children(job(spec), "job"))["ConfigMap"]["data"]["deepspeed.json"])
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 5e8
+    assert ds["zero_optimization"]["stage"] == 2  # deep merge keeps the generated keys
+    assert ds["train_micro_batch_size_per_gpu"] == 1
+
+
+def test_invalid_specs_and_names_raise_invalid_spec():
+    with pytest.raises(InvalidSpec, match="spec.deepspeed.stage"):
+        render.render_children(job(with_changes(MINIMAL, deepspeed={"stage": 1})), "job")
+    with pytest.raises(InvalidSpec, match="metadata.name"):
+        render.render_children(job(name="Bad_Name"), "job")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        render.render_children(job(), "auto")  # type: ignore[arg-type]

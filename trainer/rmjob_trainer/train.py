@@ -1,0 +1,327 @@
+"""The reward-model training loop: Bradley-Terry loss, ``-logsigmoid(r_chosen - r_rejected)``.
+
+Semantics follow open-instruct's ``reward_modeling.py`` (batch sizes, run name, episodes,
+metric names, evaluation, samples table), with three fixes: the LR schedule's horizon is the
+run's true number of optimizer steps; evaluation covers the whole eval set across all ranks,
+each pair counted once; and the run is resumable from periodic checkpoints.
+
+Data order is a pure function of (seed, step): the training stream is the concatenation of
+one seeded permutation of the dataset per epoch, optimizer step ``s`` consumes stream
+positions ``[s * batch_size, (s + 1) * batch_size)``, and micro-step ``m`` of rank ``r`` takes
+slice ``m * world_size + r`` of it. Resuming therefore needs only the step, and a run on N
+processes sees the same pairs per optimizer step as one process with N times the accumulation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rmjob_trainer import DataError
+from rmjob_trainer.config import RewardConfig
+from rmjob_trainer.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, build_engine,
+                                       deepspeed_settings, init_distributed, main_process_first)
+from rmjob_trainer.model import load_tokenizer
+
+CHOSEN, REJECTED = "input_ids_chosen", "input_ids_rejected"
+TRAIN_NAMES = ("accuracy", "loss", "chosen_reward", "rejected_reward", "reward_margin")
+EVAL_NAMES = ("accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin")
+NUM_SAMPLE_ROWS = 10
+
+
+# --- data -----------------------------------------------------------------------------------
+class DataOrder:
+    """Which training rows each rank uses at each step (see the module docstring)."""
+
+    def __init__(self, dataset_size: int, seed: int, batch_size: int, world_size: int, micro_batch_size: int):
+        self.dataset_size, self.seed = dataset_size, seed
+        self.batch_size, self.world_size, self.micro_batch_size = batch_size, world_size, micro_batch_size
+        self._permutations: dict[int, list[int]] = {}
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._permutations:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._permutations = {epoch: torch.randperm(self.dataset_size, generator=generator).tolist()}
+        return self._permutations[epoch]
+
+    def micro_batch(self, step: int, micro_step: int, rank: int) -> list[int]:
+        start = step * self.batch_size + (micro_step * self.world_size + rank) * self.micro_batch_size
+        positions = (divmod(p, self.dataset_size) for p in range(start, start + self.micro_batch_size))
+        return [self._permutation(epoch)[i] for epoch, i in positions]
+
+    def state(self, step: int) -> dict:
+        """Where the stream stands before ``step`` (saved in checkpoints, checked on resume)."""
+        epoch, position = divmod(step * self.batch_size, self.dataset_size)
+        return {"seed": self.seed, "dataset_size": self.dataset_size, "epoch": epoch, "position": position}
+
+
+def collate(dataset, indices: list[int], pad_token_id: int, padding_free: bool, device) -> dict:
+    """Chosen then rejected sequences of ``indices``, for one forward pass."""
+    rows = dataset[indices]
+    sequences = rows[CHOSEN] + rows[REJECTED]
+    if padding_free:
+        from rmjob_trainer.packing import collate_packed
+
+        batch = collate_packed(sequences)
+    else:
+        longest = max(map(len, sequences))
+        batch = {"input_ids": torch.tensor([s + [pad_token_id] * (longest - len(s)) for s in sequences])}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# --- metrics --------------------------------------------------------------------------------
+def pair_sums(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[pairs, accuracy, loss, chosen, rejected, margin], summed over pairs (all-reducible)."""
+    weight = torch.ones_like(chosen) if weight is None else weight
+    margin = chosen - rejected
+    per_pair = torch.stack([torch.ones_like(margin), (margin > 0).float(), -F.logsigmoid(margin),
+                            chosen, rejected, margin])
+    return (per_pair * weight).sum(1)
+
+
+def named_means(sums: torch.Tensor, prefix: str, names: tuple[str, ...]) -> dict[str, float]:
+    sums = all_reduce_sum(sums).tolist()
+    return {f"{prefix}{name}": value / sums[0] for name, value in zip(names, sums[1:])}
+
+
+def eval_shard(size: int, rank: int, world_size: int, batch_size: int) -> list[tuple[list[int], list[float]]]:
+    """Rank ``rank``'s eval batches as (indices, weights).
+
+    Rank r scores pairs r, r + world_size, ...: every pair exactly once. Ranks with fewer pairs
+    pad with weight-0 repeats of pair 0, since every rank must run the same number of forward
+    passes (DDP syncs buffers and ZeRO-3 gathers weights inside forward)."""
+    per_rank = math.ceil(size / world_size)
+    indices = list(range(rank, size, world_size))
+    indices += [-1] * (per_rank - len(indices))
+    return [([max(i, 0) for i in chunk], [float(i >= 0) for i in chunk])
+            for chunk in (indices[start:start + batch_size] for start in range(0, per_rank, batch_size))]
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, tokenizer, cfg: RewardConfig, d: Dist) -> tuple[dict, list[list]]:
+    """Eval metrics over the whole eval set (all ranks), and sample rows (rank 0's first pairs)."""
+    engine.train(False)
+    sums, rows = torch.zeros(6, device=d.device), []
+    for chunk, weight in eval_shard(len(dataset), d.rank, d.world_size, cfg.per_device_eval_batch_size):
+        chosen, rejected = engine.forward(collate(dataset, chunk, tokenizer.pad_token_id, cfg.padding_free,
+                                                  d.device)).chunk(2)
+        sums += pair_sums(chosen, rejected, torch.tensor(weight, device=d.device))
+        if d.is_main and len(rows) < NUM_SAMPLE_ROWS:
+            pairs = dataset[chunk]
+            rows += [[tokenizer.decode(c, skip_special_tokens=True), tokenizer.decode(r, skip_special_tokens=True),
+                      cr, rr] for c, r, cr, rr in zip(pairs[CHOSEN], pairs[REJECTED], chosen.tolist(), rejected.tolist())]
+    engine.train(True)
+    return named_means(sums, "eval/rm/", EVAL_NAMES), rows[:NUM_SAMPLE_ROWS]
+
+
+def print_samples(rows: list[list]) -> None:
+    print("preference samples (chosen_reward, rejected_reward, chosen | rejected):")
+    for chosen, rejected, chosen_reward, rejected_reward in rows:
+        print(f"  {chosen_reward:+.3f} {rejected_reward:+.3f}  {chosen[-60:]!r} | {rejected[-60:]!r}")
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """Newest complete checkpoint: ``step_N`` directories only appear by atomic rename."""
+    steps = sorted(output_dir.glob("checkpoints/step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return steps[-1] if steps else None
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, output_dir: Path, step: int, trainer_state: dict, d: Dist, keep: int) -> None:
+    """Written to a temporary directory and renamed, so a killed run leaves no half checkpoint."""
+    root = output_dir / "checkpoints"
+    tmp, final = root / f".tmp-step_{step}", root / f"step_{step}"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(tmp)
+    torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    if d.is_main:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    barrier()
+    if d.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+            shutil.rmtree(old)
+    barrier()
+
+
+def load_checkpoint(engine, path: Path, d: Dist, expected_order: dict) -> dict:
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved = {k: state["data_order"][k] for k in ("seed", "dataset_size")}
+    if saved != {k: expected_order[k] for k in saved}:
+        raise DataError(f"cannot resume from {path}: it was trained with data order {saved}, this run "
+                        f"has {expected_order}; use another output_dir or --resume false")
+    engine.load_checkpoint(path)
+    _set_rng_state(torch.load(path / f"rng_rank{d.rank}.pt", weights_only=False))
+    return state
+
+
+# --- outputs --------------------------------------------------------------------------------
+class RunLog:
+    """Rank 0's sinks: console, ``output_dir/log.jsonl``, W&B (tracking) and the job's status."""
+
+    def __init__(self, cfg: RewardConfig, run_name: str, output_dir: Path, total_steps: int):
+        from rmjob_trainer.status import StatusReporter
+        from rmjob_trainer.tracking import start_run
+
+        self.tracker = start_run(cfg, run_name)
+        self.reporter = StatusReporter.from_env()
+        self.file = output_dir / "log.jsonl"
+        self.total_steps = total_steps
+        self.eval: dict = {}
+
+    def log_dataset(self, cfg: RewardConfig, tokenizer, train_dataset, eval_dataset, output_dir: Path) -> None:
+        """A tokenized example on the console; with tracking, the token-length histograms."""
+        from datasets import DatasetDict
+
+        from rmjob_trainer.data import PreferenceDatasetProcessor, visualize_token
+
+        visualize_token(train_dataset[0][CHOSEN], tokenizer)
+        if cfg.with_tracking:
+            splits = DatasetDict(train=train_dataset, **({"eval": eval_dataset} if eval_dataset else {}))
+            png = PreferenceDatasetProcessor(tokenizer, cfg).get_token_length_visualization(
+                splits, save_path=str(output_dir / "token_length.png"))
+            self.tracker.log_image("token_length_visualization", png)
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.eval.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+        with self.file.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.tracker.log(metrics, step=metrics["episode"])
+        self.report(step, metrics)
+
+    def report(self, step: int, metrics: dict, **extra) -> None:
+        if self.reporter is None:
+            return
+        training = {"step": step, "totalSteps": self.total_steps, "episode": metrics["episode"],
+                    "epoch": metrics["epoch"], "trainLoss": metrics["train/rm/loss"],
+                    "trainAccuracy": metrics["train/rm/accuracy"], **extra}
+        if self.eval:
+            training.update(evalLoss=self.eval["eval/rm/loss"], evalAccuracy=self.eval["eval/rm/accuracy"],
+                            evalRewardMargin=self.eval["eval/rm/reward_margin"])
+        if self.tracker.url:
+            training["wandbUrl"] = self.tracker.url
+        self.reporter.report(training, force=bool(extra.get("done")))
+
+
+def write_outputs(engine, tokenizer, cfg: RewardConfig, output_dir: Path, final: dict, run_log: RunLog | None,
+                  d: Dist) -> dict:
+    """Model (safetensors) + tokenizer + metrics.json, then the optional Hub push."""
+    engine.save_model(output_dir)  # collective under ZeRO-3
+    if not d.is_main:
+        return final
+    tokenizer.save_pretrained(output_dir)
+    metrics_file = output_dir / "metrics.json"
+    metrics_file.write_text(json.dumps(final, indent=2))
+    if cfg.push_to_hub:
+        from rmjob_trainer.hub import push_to_hub
+
+        final["hub"] = push_to_hub(cfg, output_dir, final)
+        metrics_file.write_text(json.dumps(final, indent=2))
+        run_log.tracker.link_hub(final["hub"]["url"])
+    run_log.report(final["step"], final, done=True, **({"hub": final["hub"]} if "hub" in final else {}))
+    run_log.tracker.finish()
+    return final
+
+
+# --- the loop -------------------------------------------------------------------------------
+def train(cfg: RewardConfig) -> dict:
+    from rmjob_trainer.data import build_datasets
+
+    ds_settings = deepspeed_settings(cfg)
+    d = init_distributed(need_process_group=ds_settings is not None)
+    output_dir = Path(cfg.output_dir)
+    tokenizer = load_tokenizer(cfg)
+    with main_process_first(d):
+        train_dataset, eval_dataset = build_datasets(cfg, tokenizer)
+
+    micro_batch_size = cfg.per_device_train_batch_size
+    batch_size = micro_batch_size * cfg.gradient_accumulation_steps * d.world_size
+    total_episodes = cfg.total_episodes or cfg.num_train_epochs * len(train_dataset)
+    num_training_steps = total_episodes // batch_size
+    if num_training_steps == 0:
+        raise DataError(f"{total_episodes} training pairs make no full batch of {batch_size} "
+                        "(per_device_train_batch_size x gradient_accumulation_steps x processes)")
+    eval_steps = {math.ceil(k * num_training_steps / cfg.num_evals) for k in range(1, cfg.num_evals + 1)}
+    if eval_dataset is None or len(eval_dataset) == 0:
+        eval_steps = set()
+    order = DataOrder(len(train_dataset), cfg.seed, batch_size, d.world_size, micro_batch_size)
+
+    torch.manual_seed(cfg.seed)  # identical model init on every rank
+    engine = build_engine(cfg, tokenizer, d, num_training_steps, ds_settings)
+    local_seed = cfg.seed + d.rank
+    random.seed(local_seed), np.random.seed(local_seed), torch.manual_seed(local_seed)
+
+    checkpoint = latest_checkpoint(output_dir) if cfg.resume else None
+    checkpoint = broadcast_object(checkpoint)  # every rank resumes from the same one
+    if checkpoint:
+        resumed = load_checkpoint(engine, checkpoint, d, order.state(0))
+        start_step, run_name = resumed["step"], resumed["run_name"]
+    else:
+        start_step = 0
+        run_name = broadcast_object(cfg.run_name or f"{cfg.exp_name}__{cfg.seed}__{int(time.time())}")
+    run_log = None
+    if d.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        print(f"run {run_name}: {num_training_steps} steps of {batch_size} pairs on {d.world_size} process(es)"
+              + (f", resuming from {checkpoint}" if checkpoint else ""))
+        run_log = RunLog(cfg, run_name, output_dir, num_training_steps)
+        run_log.log_dataset(cfg, tokenizer, train_dataset, eval_dataset, output_dir)
+
+    metrics: dict = {}
+    engine.train()
+    for step in tqdm(range(start_step, num_training_steps), initial=start_step, total=num_training_steps,
+                     disable=not d.is_main, desc="train"):
+        sums = torch.zeros(6, device=d.device)
+        for micro_step in range(cfg.gradient_accumulation_steps):
+            indices = order.micro_batch(step, micro_step, d.rank)
+            batch = collate(train_dataset, indices, tokenizer.pad_token_id, cfg.padding_free, d.device)
+            chosen, rejected = engine.forward(batch).chunk(2)
+            loss = -F.logsigmoid(chosen - rejected).mean()
+            engine.backward(loss)  # optimizer + scheduler step on the last micro-step
+            sums += pair_sums(chosen.detach(), rejected.detach())
+        episode = (step + 1) * batch_size
+        metrics = {"episode": episode, "epoch": episode / len(train_dataset),
+                   **named_means(sums, "train/rm/", TRAIN_NAMES), "train/rm/lr": engine.lr}
+        if step + 1 in eval_steps:
+            eval_metrics, rows = evaluate(engine, eval_dataset, tokenizer, cfg, d)
+            metrics.update(eval_metrics)
+            if d.is_main:
+                tqdm.write(" ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                print_samples(rows)
+                run_log.tracker.log_table("preference_sample_texts",
+                                          ["chosen_text", "rejected_text", "chosen_reward", "rejected_reward"], rows)
+        if d.is_main:
+            run_log.log(step + 1, metrics)
+        if cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < num_training_steps:
+            trainer_state = {"step": step + 1, "run_name": run_name, "data_order": order.state(step + 1)}
+            save_checkpoint(engine, output_dir, step + 1, trainer_state, d, cfg.checkpoints_total_limit)
+
+    final = {"run_name": run_name, "step": num_training_steps, **metrics}  # the last step evaluated
+    return write_outputs(engine, tokenizer, cfg, output_dir, final, run_log, d)

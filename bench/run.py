@@ -44,14 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs per trainer (medians are reported)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step, both trainers")
     p.add_argument("--eval-batch-size", type=int, default=32, help="pairs per evaluation forward")
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate, linear decay")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
     p.add_argument("--max-length", type=int, default=512, help="pairs with a longer sequence are dropped")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads in each run. 1 by default: on a machine shared with other "
                         "work, a team of N threads on N busy cores spends its time waiting at barriers and "
                         "the timings become noise; use the core count on a dedicated machine")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="training seed of both trainers")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON and PNG go")
     p.add_argument("--quick", action="store_true",
                    help="harness check: 64 pairs, tiny model, one run each (numbers are meaningless)")
@@ -114,8 +114,8 @@ def length_stats(train, batch_size: int, seed: int) -> dict:
     rejected = np.array([len(s) for s in train["input_ids_rejected"]])
     lengths = np.concatenate([chosen, rejected])
     order = np.random.default_rng(seed).permutation(len(chosen))
-    padded = sum(2 * len(batch) * max(chosen[batch].max(), rejected[batch].max())
-                 for batch in np.array_split(order, max(1, len(order) // batch_size)))
+    batches = (order[i:i + batch_size] for i in range(0, len(order), batch_size))
+    padded = sum(2 * len(b) * max(chosen[b].max(), rejected[b].max()) for b in batches)
     return {"train_pairs": len(chosen), "tokens_per_pair": float(lengths.sum() / len(chosen)),
             "seq_len_median": float(np.median(lengths)), "seq_len_p90": float(np.percentile(lengths, 90)),
             "seq_len_max": int(lengths.max()), "padded_tokens_per_real_token": float(padded / lengths.sum())}

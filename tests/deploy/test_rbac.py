@@ -5,25 +5,21 @@ them with the chart's rules — nothing it calls is missing, nothing granted goe
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 import sys
-from collections.abc import AsyncIterator
 
 import kmock
 import pytest
-import yaml
 
 from conftest import REPO, by_kind
-from rmjob_operator.kube import KubeApi
 
 sys.path.insert(0, str(REPO / "tests" / "operator"))
 from kmock_cluster import (  # noqa: E402
-    JOBS, NAMESPACE, PYTORCHJOB_CRD, PYTORCHJOBS, OUR_CRD, Cluster, load_yaml, new_job, phase_is, rmj, rmj_path,
-    running_operator, wait_for,
+    JOBS, NAMESPACE, OUR_CRD, PYTORCHJOB_CRD, PYTORCHJOBS, Cluster, crash_after_workload_created, emulated_cluster,
+    new_job, phase_is, rmj, rmj_path, running_operator, wait_for,
 )
 
+CRDS = (OUR_CRD, PYTORCHJOB_CRD)
 TEST_CLIENT = {"X-Rmjob-Test-Client": "1"}  # marks the requests this test makes itself
 # Granted but not observable against KMock: CRD watching is off in the harness (kopf's
 # scanning), and the finalizers grant is checked by an admission plugin, not an API call.
@@ -63,25 +59,6 @@ def granted(rules: list[dict]) -> set[tuple[str, str, str]]:
             for resource in rule["resources"] for verb in rule["verbs"]}
 
 
-@contextlib.asynccontextmanager
-async def recording_cluster(monkeypatch, tmp_path) -> AsyncIterator[RecordingCluster]:
-    """An empty KMock cluster with our CRD and Kubeflow's; KUBECONFIG points to it."""
-    async with RecordingCluster() as emulator, kmock.Server(emulator):
-        emulator.resources.load_bundled()
-        emulator.register_crd(load_yaml(OUR_CRD))
-        emulator.register_crd(load_yaml(PYTORCHJOB_CRD))
-        kubeconfig = tmp_path / f"kubeconfig-{id(emulator)}"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": str(emulator.url)}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NAMESPACE}}],
-            "users": [{"name": "kmock", "user": {}}],
-        }))
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        yield emulator
-
-
 async def client(cluster: Cluster, method: str, path: str, body: dict) -> None:
     headers = {**TEST_CLIENT, **({"Content-Type": "application/merge-patch+json"} if method == "patch" else {})}
     async with cluster.request(method, path, json=body, headers=headers) as resp:
@@ -117,39 +94,19 @@ async def exercise(cluster: RecordingCluster) -> None:
     await wait_for(phase_is(cluster, "Failed", "rm-bad"))
 
 
-async def crash_mid_reconcile(cluster: RecordingCluster, monkeypatch) -> None:
-    """An operator that dies after creating the children but before recording the workload:
-    its successor finds every child existing (409) and reads each back to check the owner."""
-    original_create = KubeApi.create
-    workload_created = asyncio.Event()
-
-    async def create_then_hang_after_workload(self: KubeApi, obj: dict) -> dict:
-        result = await original_create(self, obj)
-        if obj["kind"] == "Job":
-            workload_created.set()
-            await asyncio.Event().wait()  # the operator dies here
-        return result
-
-    monkeypatch.setattr(KubeApi, "create", create_then_hang_after_workload)
-    async with running_operator() as task:
-        await client(cluster, "post", rmj_path(), new_job("rm-restart", runPolicy={"backend": "job"}))
-        await asyncio.wait_for(workload_created.wait(), 10)
-        task.cancel()  # a crash: no graceful shutdown
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    monkeypatch.setattr(KubeApi, "create", original_create)
-
-
 @pytest.mark.timeout(60)
 async def test_operator_rbac_is_exactly_what_it_calls(helm_template, monkeypatch, tmp_path) -> None:
     calls: set[tuple[str, str, str]] = set()
-    async with recording_cluster(monkeypatch, tmp_path) as cluster:
+    async with emulated_cluster(RecordingCluster, monkeypatch, tmp_path, crds=CRDS) as cluster:
         async with running_operator():
             await exercise(cluster)
         calls |= cluster.calls
     # A fresh cluster: KMock keeps a crashed operator's watch streams open, blocking later writes.
-    async with recording_cluster(monkeypatch, tmp_path) as cluster:
-        await crash_mid_reconcile(cluster, monkeypatch)
+    async with emulated_cluster(RecordingCluster, monkeypatch, tmp_path, crds=CRDS) as cluster:
+        # An operator that dies after creating the children but before recording the workload:
+        # its successor finds every child existing (409) and reads each back to check the owner.
+        await crash_after_workload_created(
+            lambda: client(cluster, "post", rmj_path(), new_job("rm-restart", runPolicy={"backend": "job"})))
         async with running_operator():
             await wait_for(lambda: (rmj(cluster, "rm-restart").get("status") or {}).get("workload"))
         calls |= cluster.calls

@@ -2,7 +2,8 @@
 
 KMock stores objects and serves list/watch/patch/delete, but is no full API server; the
 ``Cluster`` subclass adds what the operator relies on (uid, resourceVersion, generation,
-generateName, the status subresource split). Tests play the controllers KMock lacks:
+generateName, the status subresource split, core discovery kubectl can read). Tests play the
+controllers KMock lacks:
 Kubeflow/the Job controller (patching workload status), and the garbage collector
 (``collect_garbage``).
 """
@@ -17,8 +18,8 @@ import functools
 import itertools
 import pathlib
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import kmock
 import kopf
@@ -26,6 +27,7 @@ import pytest
 import yaml
 
 import rmjob_operator.handlers  # noqa: F401  # registers the handlers in kopf's default registry
+from rmjob_operator.kube import KubeApi
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 OUR_CRD = REPO / "manifests" / "crd.yaml"
@@ -82,6 +84,15 @@ class Cluster(kmock.KubernetesEmulator):
         if "spec" in patch:
             meta["generation"] = current.get("metadata", {}).get("generation", 1) + 1
 
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        # KMock names the core group/version "/v1" in /api/v1's APIResourceList; kubectl keys
+        # discovered resources by that string and looks them up as "v1", so without this it
+        # finds no core kind ("no matches for kind PersistentVolumeClaim in version v1").
+        payload = await super()._serve_version(request)
+        if payload.get("groupVersion") == "/v1":
+            payload["groupVersion"] = "v1"
+        return payload
+
     def register_crd(self, crd: dict) -> None:
         """Serve the CRD's resource (discovery, verbs) and store the CRD object itself."""
         spec = crd["spec"]
@@ -121,6 +132,31 @@ def load_yaml(path: pathlib.Path) -> dict:
     return copy.deepcopy(_load_yaml(path))
 
 
+AnyCluster = TypeVar("AnyCluster", bound=Cluster)
+
+
+@contextlib.asynccontextmanager
+async def emulated_cluster(cluster_class: type[AnyCluster], monkeypatch: pytest.MonkeyPatch,
+                           tmp_path: pathlib.Path, crds: tuple[pathlib.Path, ...] = (OUR_CRD,),
+                           ) -> AsyncIterator[AnyCluster]:
+    """A served, empty cluster with the built-in resources and ``crds``; KUBECONFIG points to it
+    (for kopf and kubectl), in the namespace the tests use."""
+    async with cluster_class() as emulator, kmock.Server(emulator):
+        emulator.resources.load_bundled()
+        for crd in crds:
+            emulator.register_crd(load_yaml(crd))
+        kubeconfig = tmp_path / f"kubeconfig-{emulator.url.port}"  # one per cluster a test starts
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": str(emulator.url)}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NAMESPACE}}],
+            "users": [{"name": "kmock", "user": {}}],
+        }))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        yield emulator
+
+
 @contextlib.asynccontextmanager
 async def running_operator(namespace: str = NAMESPACE) -> AsyncIterator[asyncio.Task]:
     """The real operator (handlers.py, kopf's default registry) as an asyncio task."""
@@ -142,6 +178,29 @@ async def running_operator(namespace: str = NAMESPACE) -> AsyncIterator[asyncio.
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def crash_after_workload_created(create_job: Callable[[], Awaitable[Any]]) -> None:
+    """Run an operator that dies after creating a job's children but before recording its
+    workload (Job backend): ``create_job()`` submits the job; returns once the operator is gone."""
+    original_create = KubeApi.create
+    workload_created = asyncio.Event()
+
+    async def create_then_hang_after_workload(self: KubeApi, obj: dict) -> dict:
+        result = await original_create(self, obj)
+        if obj["kind"] == "Job":
+            workload_created.set()
+            await asyncio.Event().wait()  # the operator dies here
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KubeApi, "create", create_then_hang_after_workload)
+        async with running_operator() as task:
+            await create_job()
+            await asyncio.wait_for(workload_created.wait(), 10)
+            task.cancel()  # a crash: no graceful shutdown
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, message: str = "") -> Any:

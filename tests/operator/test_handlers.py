@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import pathlib
+import shutil
 
 import kmock
 import pytest
 import yaml
 
-from rmjob_operator.kube import KubeApi
-
 from kmock_cluster import (
-    CONFIGMAPS, JOBS, NAMESPACE, PYTORCHJOBS, REPO, RMJ, Cluster, api, collect_garbage, condition, new_job,
-    phase_is, rmj, rmj_path, running_operator, wait_for,
+    CONFIGMAPS, JOBS, NAMESPACE, PYTORCHJOBS, REPO, RMJ, Cluster, api, collect_garbage, condition,
+    crash_after_workload_created, new_job, phase_is, rmj, rmj_path, running_operator, wait_for,
 )
+
+EXAMPLES = REPO / "manifests" / "examples"
 
 PTJ_STATUS = f"/apis/kubeflow.org/v1/namespaces/{NAMESPACE}/pytorchjobs/rm-test/status"
 PTJ = f"/apis/kubeflow.org/v1/namespaces/{NAMESPACE}/pytorchjobs/rm-test"
@@ -103,30 +105,12 @@ async def test_job_failure_is_reported_with_the_job_controllers_reason(cluster: 
     assert rmj(cluster)["status"]["phase"] == "Failed"
 
 
-async def test_restart_mid_reconcile_leaves_exactly_one_workload(cluster: Cluster,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_restart_mid_reconcile_leaves_exactly_one_workload(cluster: Cluster) -> None:
     """Kill the operator after it created the workload but before it recorded it, then restart."""
-    original_create = KubeApi.create
-    workload_created = asyncio.Event()
-
-    async def create_then_hang_after_workload(self: KubeApi, obj: dict) -> dict:
-        result = await original_create(self, obj)
-        if obj["kind"] == "Job":
-            workload_created.set()
-            await asyncio.Event().wait()  # the operator dies here
-        return result
-
-    monkeypatch.setattr(KubeApi, "create", create_then_hang_after_workload)
-    async with running_operator() as task:
-        await api(cluster, "post", rmj_path(), new_job())
-        await asyncio.wait_for(workload_created.wait(), 10)
-        task.cancel()  # a crash: no graceful shutdown
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await crash_after_workload_created(lambda: api(cluster, "post", rmj_path(), new_job()))
     first = cluster.get(JOBS, "rm-test")
     assert "workload" not in rmj(cluster).get("status", {})
 
-    monkeypatch.setattr(KubeApi, "create", original_create)
     async with running_operator():
         await wait_for(lambda: rmj(cluster).get("status", {}).get("workload"), message="status.workload")
         await wait_for(phase_is(cluster, "Pending"))
@@ -237,24 +221,42 @@ async def test_invalid_specs_fail_once_without_crashing_or_looping(cluster: Clus
 
 
 def example_jobs() -> list[dict]:
-    docs = [doc for path in sorted((REPO / "manifests" / "examples").glob("*.yaml"))
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    docs = [doc for path in sorted(EXAMPLES.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
     return [doc for doc in docs if doc.get("kind") == "RewardModelJob"]
 
 
-async def test_every_example_creates_its_workload(with_pytorchjob_crd: Cluster, operator: asyncio.Task) -> None:
+def kubectl() -> str:
+    """The kubectl `make install` puts in .tools/bin (scripts/install_tools.py), else one on PATH."""
+    installed = REPO / ".tools" / "bin" / "kubectl"
+    found = str(installed) if installed.exists() else shutil.which("kubectl")
+    if found is None:
+        pytest.skip("no kubectl: run `make install` (puts it in .tools/bin) or put kubectl on PATH")
+    return found
+
+
+async def test_kubectl_apply_of_the_examples_creates_their_workloads(with_pytorchjob_crd: Cluster,
+                                                                    operator: asyncio.Task,
+                                                                    tmp_path: pathlib.Path) -> None:
+    """What a user does: the real kubectl applies the examples directory (KUBECONFIG from the fixture)."""
     cluster = with_pytorchjob_crd
+    # KMock serves in this event loop: a blocking subprocess.run would deadlock it.
+    proc = await asyncio.create_subprocess_exec(
+        kubectl(), "apply", "--validate=false", "--namespace", NAMESPACE, "--cache-dir", str(tmp_path / "kube-cache"),
+        "-f", str(EXAMPLES), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
     examples = example_jobs()
-    if not examples:
-        pytest.skip("no manifests/examples/*.yaml yet")
+    assert examples
     for doc in examples:
-        doc["metadata"]["namespace"] = NAMESPACE
-        await api(cluster, "post", rmj_path(), doc)
+        assert f"rewardmodeljob.rmjob.dev/{doc['metadata']['name']} created" in stdout.decode()
+    assert cluster.get("v1/persistentvolumeclaims", "reward-data") is not None  # pvc-dataset.yaml's claim
+
     for doc in examples:
         name = doc["metadata"]["name"]
         await wait_for(phase_is(cluster, "Pending", name), message=f"example {name}")
-        ref = rmj(cluster, name)["status"]["workload"]
-        resource = PYTORCHJOBS if ref["kind"] == "PyTorchJob" else JOBS
-        assert cluster.get(resource, name)["metadata"]["ownerReferences"][0]["name"] == name
-        assert cluster.get(CONFIGMAPS, f"{name}-config") is not None
-
+        job = rmj(cluster, name)
+        assert job["status"]["workload"] == {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": name}
+        for child in (cluster.get(PYTORCHJOBS, name), cluster.get(CONFIGMAPS, f"{name}-config")):
+            (ref,) = child["metadata"]["ownerReferences"]
+            assert (ref["kind"], ref["name"], ref["uid"]) == ("RewardModelJob", name, job["metadata"]["uid"])

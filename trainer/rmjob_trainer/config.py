@@ -118,7 +118,7 @@ class RewardConfig:
         metadata=_help("Resize the embedding matrix when a pad token is added to the tokenizer."),
     )
     padding_free: bool = field(
-        default=False,
+        default=True,
         metadata=_help("Pack sequences without padding (per-sequence position ids). Same "
                        "rewards as padded batches, less wasted compute."),
     )

@@ -63,6 +63,7 @@ def packed_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
     """Reward of each sequence of a ``collate_packed`` batch -> ``[n]``.
 
     Equal (up to float rounding) to ``model.get_reward`` on the same sequences right-padded.
+    An ``sdpa`` model is switched to ``sdpa_varlen`` on first use (see the module docstring).
     Raises ``ValueError`` for a model whose attention does not go through transformers'
     ``AttentionInterface`` (some remote-code models): it would ignore the sequence boundaries
     and silently attend across the packed sequences.
@@ -91,9 +92,13 @@ def packed_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
 
 
 def _segment_bounds(position_ids: torch.Tensor) -> torch.Tensor:
-    """cu_seq_lens of a packed [1, total] row: a sequence starts wherever the position is 0."""
-    starts = torch.nonzero(position_ids[0] == 0).flatten()
-    return torch.cat([starts, starts.new_tensor([position_ids.shape[1]])])
+    """cu_seq_lens of a packed [1, total] row: a new sequence starts wherever the position does
+    not follow the previous one (as ``masking_utils.find_packed_sequence_indices`` decides)."""
+    positions = position_ids[0]
+    is_start = torch.ones_like(positions, dtype=torch.bool)
+    is_start[1:] = positions[1:] != positions[:-1] + 1
+    starts = torch.nonzero(is_start).flatten()
+    return torch.cat([starts, starts.new_tensor([len(positions)])])
 
 
 def sdpa_varlen_attention(
@@ -110,12 +115,11 @@ def sdpa_varlen_attention(
 ) -> tuple[torch.Tensor, None]:
     """SDPA, causal within each packed sequence; plain ``sdpa`` for any other batch.
 
-    ``query/key/value`` are ``[1, heads, total, head_dim]``. A packed batch is recognised by
-    ``cu_seq_lens_q`` or, when called without it, by ``position_ids`` that restart at 0 in a
-    single row without a padding mask -- so the model can never silently attend across
-    sequences.
+    ``query/key/value`` are ``[1, heads, total, head_dim]``. A packed batch is a single row with
+    no padding mask and no cache; its sequences are given by ``cu_seq_lens_q`` or, when called
+    without it, found from ``position_ids`` -- so the model never silently attends across them.
     """
-    packed = attention_mask is None and query.shape[0] == 1
+    packed = attention_mask is None and query.shape[0] == 1 and key.shape[2] == query.shape[2]
     if packed and cu_seq_lens_q is None and position_ids is not None:
         cu_seq_lens_q = _segment_bounds(position_ids)
     if not packed or cu_seq_lens_q is None:
@@ -125,7 +129,6 @@ def sdpa_varlen_attention(
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     lengths = cu_seq_lens_q.diff().tolist()
-    dropout = dropout if module.training else 0.0
     outputs = [
         F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))

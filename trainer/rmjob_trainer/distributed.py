@@ -11,6 +11,7 @@ explicit mechanism for both paths keeps gradient accumulation, checkpoints and s
     forward(batch) -> rewards     backward(loss)   (steps optimizer + scheduler every
     lr                                              gradient_accumulation_steps calls)
     save_checkpoint(dir)          load_checkpoint(dir)        save_model(dir)
+    close()                       (before the process group is destroyed)
 
 DeepSpeed is configured by ``--deepspeed`` (a DeepSpeed JSON, or an accelerate config YAML
 whose ``deepspeed_config`` section is mapped below) or, when absent, by the env that
@@ -98,6 +99,15 @@ def broadcast_object(obj):
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def leave_distributed() -> None:
+    """Tear down this rank's process group once it has no collectives left. Without it a rank
+    that finishes first (not rank 0, which is still writing and pushing) can abort at
+    interpreter exit ("terminate called without an active exception") while the process
+    group's threads still run. No barrier: rank 0's Hub push may outlast a collective timeout."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -270,6 +280,9 @@ class DDPEngine:
         if self.is_main:
             self.hf_model.save_pretrained(output_dir)
 
+    def close(self) -> None:
+        """Nothing to release: DDP's reducer goes with the process group."""
+
 
 class DeepSpeedEngine:
     """ZeRO-2/3 through ``deepspeed.initialize``; DeepSpeed owns precision, accumulation
@@ -324,6 +337,11 @@ class DeepSpeedEngine:
 
     def load_checkpoint(self, path: Path) -> None:
         self.engine.load_checkpoint(str(path), tag="deepspeed")
+
+    def close(self) -> None:
+        """Release ZeRO's hooks, partitioned-parameter coordinator and buffers before the
+        process group goes away."""
+        self.engine.destroy()
 
     def save_model(self, output_dir: Path) -> None:
         """Full weights that load without DeepSpeed: under ZeRO-3 every rank takes part in

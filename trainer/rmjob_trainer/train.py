@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from rmjob_trainer import DataError
 from rmjob_trainer.config import RewardConfig
 from rmjob_trainer.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, build_engine,
-                                       deepspeed_settings, init_distributed, main_process_first)
+                                       deepspeed_settings, init_distributed, leave_distributed,
+                                       main_process_first)
 from rmjob_trainer.model import load_tokenizer
 
 CHOSEN, REJECTED = "input_ids_chosen", "input_ids_rejected"
@@ -324,4 +325,7 @@ def train(cfg: RewardConfig) -> dict:
             save_checkpoint(engine, output_dir, step + 1, trainer_state, d, cfg.checkpoints_total_limit)
 
     final = {"run_name": run_name, "step": num_training_steps, **metrics}  # the last step evaluated
-    return write_outputs(engine, tokenizer, cfg, output_dir, final, run_log, d)
+    final = write_outputs(engine, tokenizer, cfg, output_dir, final, run_log, d)
+    engine.close()
+    leave_distributed()
+    return final

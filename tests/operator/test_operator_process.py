@@ -12,26 +12,8 @@ import sys
 
 import aiohttp
 import pytest
-from kmock._internal import parsing
 
 from kmock_cluster import CONFIGMAPS, JOBS, NAMESPACE, Cluster, api, new_job, phase_is, rmj, rmj_path, wait_for
-
-
-@pytest.fixture
-def namespaces_served(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let KMock parse /api/v1/namespaces[/NAME]: it takes "namespaces" for the namespace prefix
-    of a namespaced path and fails. The in-process tests avoid the path by disabling kopf's
-    scanning; the command line cannot, and kopf lists and watches namespaces even for an exact
-    --namespace (it falls back to the given names only when the list is forbidden)."""
-    original = parsing.parse_path
-
-    def parse_path(path: str) -> parsing.ParsedPath:
-        parts = path.strip("/").split("/")
-        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
-            return parsing.ParsedPath(group="", version="v1", plural="namespaces", name=(parts[3:] or [None])[0])
-        return original(path)
-
-    monkeypatch.setattr(parsing, "parse_path", parse_path)
 
 
 def free_port() -> int:
@@ -53,7 +35,7 @@ def owned_by(obj: dict | None, owner: dict) -> bool:
 
 @pytest.mark.timeout(60)
 async def test_operator_process_reconciles_serves_liveness_and_stops_on_sigterm(
-        namespaces_served: None, cluster: Cluster) -> None:
+        cluster: Cluster) -> None:
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
     await api(cluster, "post", "/api/v1/namespaces", namespace)  # kopf serves only namespaces that exist
     liveness = f"http://127.0.0.1:{free_port()}/healthz"

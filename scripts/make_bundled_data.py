@@ -1,4 +1,4 @@
-"""Generate the bundled preference dataset ``rmjob_trainer/data/sentiment_tiny``.
+"""Generate the bundled preference dataset ``rmjob_trainer/bundled_data/sentiment_tiny``.
 
 A synthetic, sentiment-style preference task in the shape of
 trl-internal-testing/sentiment-trl-style: ``prompt`` (a string) plus ``chosen`` / ``rejected``
@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-OUT_DIR = Path(__file__).resolve().parents[1] / "trainer" / "rmjob_trainer" / "data" / "sentiment_tiny" / "data"
+OUT_DIR = Path(__file__).resolve().parents[1] / "trainer" / "rmjob_trainer" / "bundled_data" / "sentiment_tiny" / "data"
 
 SUBJECTS = [
     "movie", "restaurant", "concert", "novel", "hotel", "museum", "bakery", "play", "album",

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-BUNDLED_DATASET_DIR = Path(__file__).resolve().parent / "data" / "sentiment_tiny"
+BUNDLED_DATASET_DIR = Path(__file__).resolve().parent / "bundled_data" / "sentiment_tiny"
 
 # pythia's special tokens: eos (also bos/unk) and a padding token that pythia's tokenizer has in
 # its vocabulary but does not declare; open-instruct then adds "[PAD]". We declare it.

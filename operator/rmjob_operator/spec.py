@@ -12,9 +12,11 @@ own sections instead; :meth:`RewardModelJobSpec.trainer_config` combines everyth
 snake_case ``trainer.yaml`` the trainer reads.
 
 Cross-field rules are declared once as :class:`Rule` objects: a Python check (run by
-pydantic) and the equivalent CEL expression (emitted as ``x-kubernetes-validations``). CEL
-rules may assume the schema's defaults are applied, as the API server does before
-evaluating them; fields without defaults are guarded with ``has()``.
+pydantic) and the equivalent CEL expression (emitted as ``x-kubernetes-validations``). Every
+CEL rule guards each field it reads with ``has()`` and reads an absent field as its default:
+the API server applies defaults before it validates a job, but when the CRD itself is
+created it evaluates each node's rules on that node's raw ``default`` (``{}`` for a
+section), and reading an absent field there is an error that refuses the whole CRD.
 """
 
 from __future__ import annotations
@@ -307,14 +309,16 @@ class _TrainerBase(_Model):
         Rule(
             "datasetTrainSplits",
             "give one split, or one per dataset of datasetMixer",
-            "size(self.datasetTrainSplits) == 1 || size(self.datasetTrainSplits) == size(self.datasetMixer)",
+            "!has(self.datasetTrainSplits) || size(self.datasetTrainSplits) == 1 || "
+            "(has(self.datasetMixer) && size(self.datasetTrainSplits) == size(self.datasetMixer))",
             lambda t: _splits_ok(t.dataset_train_splits, t.dataset_mixer),
         ),
         Rule(
             "datasetEvalSplits",
             "give one split, or one per dataset of datasetEvalMixer (or datasetMixer)",
-            "size(self.datasetEvalSplits) == 1 || size(self.datasetEvalSplits) == "
-            "(has(self.datasetEvalMixer) ? size(self.datasetEvalMixer) : size(self.datasetMixer))",
+            "!has(self.datasetEvalSplits) || size(self.datasetEvalSplits) == 1 || "
+            "(has(self.datasetEvalMixer) ? size(self.datasetEvalSplits) == size(self.datasetEvalMixer) : "
+            "has(self.datasetMixer) && size(self.datasetEvalSplits) == size(self.datasetMixer))",
             lambda t: _splits_ok(t.dataset_eval_splits, t.dataset_eval_mixer or t.dataset_mixer),
         ),
     )
@@ -418,19 +422,19 @@ class DeepSpeedSpec(_Model):
         Rule(
             "offloadParams",
             "offloadParams needs stage 3",
-            "!self.offloadParams || self.stage == 3",
+            "!has(self.offloadParams) || !self.offloadParams || (has(self.stage) && self.stage == 3)",
             lambda d: not d.offload_params or d.stage == 3,
         ),
         Rule(
             "offloadOptimizer",
             "offloadOptimizer needs stage 2 or 3",
-            "!self.offloadOptimizer || self.stage != 0",
+            "!has(self.offloadOptimizer) || !self.offloadOptimizer || (has(self.stage) && self.stage != 0)",
             lambda d: not d.offload_optimizer or d.stage != 0,
         ),
         Rule(
             "config",
             "a raw config needs stage 2 or 3 (stage 0 does not use DeepSpeed)",
-            "!has(self.config) || self.stage != 0",
+            "!has(self.config) || (has(self.stage) && self.stage != 0)",
             lambda d: d.config is None or d.stage != 0,
         ),
     )
@@ -460,7 +464,7 @@ class HubSpec(_Model):
         Rule(
             "tokenSecretRef",
             "push needs tokenSecretRef",
-            "!self.push || has(self.tokenSecretRef)",
+            "!has(self.push) || !self.push || has(self.tokenSecretRef)",
             lambda h: not h.push or h.token_secret_ref is not None,
         ),
     )
@@ -503,6 +507,10 @@ class RunPolicySpec(_Model):
     )
 
 
+# An absent deepspeed section or stage is stage 0.
+_NO_DEEPSPEED_CEL = "!has(self.deepspeed) || !has(self.deepspeed.stage) || self.deepspeed.stage == 0"
+
+
 class RewardModelJobSpec(_Model):
     """The ``spec`` of a RewardModelJob."""
 
@@ -534,15 +542,18 @@ class RewardModelJobSpec(_Model):
         Rule(
             "deepspeed.stage",
             "DeepSpeed (stage 2 or 3) needs gpusPerNode >= 1",
-            "self.deepspeed.stage == 0 || self.resources.gpusPerNode >= 1",
+            f"{_NO_DEEPSPEED_CEL} || !has(self.resources) || !has(self.resources.gpusPerNode) || "
+            "self.resources.gpusPerNode >= 1",
             lambda s: s.deepspeed.stage == 0 or s.resources.gpus_per_node >= 1,
         ),
         Rule(
             "trainer.mixedPrecision",
             "with DeepSpeed, mixedPrecision must agree with deepspeed.bf16 "
             "(bf16 true: auto or bf16; false: no or fp16)",
-            "self.deepspeed.stage == 0 || (self.deepspeed.bf16 ? "
-            "self.trainer.mixedPrecision in ['auto', 'bf16'] : self.trainer.mixedPrecision in ['no', 'fp16'])",
+            f"{_NO_DEEPSPEED_CEL} || !has(self.trainer) || "
+            "(has(self.deepspeed.bf16) && !self.deepspeed.bf16 ? "
+            "has(self.trainer.mixedPrecision) && self.trainer.mixedPrecision in ['no', 'fp16'] : "
+            "!has(self.trainer.mixedPrecision) || self.trainer.mixedPrecision in ['auto', 'bf16'])",
             lambda s: s.deepspeed.stage == 0
             or s.trainer.mixed_precision in (("auto", "bf16") if s.deepspeed.bf16 else ("no", "fp16")),
         ),

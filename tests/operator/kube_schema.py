@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,24 +97,28 @@ def _to_cel(schema: dict[str, Any], value: Any) -> Any:
     return celtypes.StringType(value)
 
 
-def cel_errors(schema: dict[str, Any], obj: Any, path: str = "") -> list[tuple[str, str]]:
-    """``(path, message)`` of each failing rule; ``obj`` should already be defaulted."""
-    errors = []
+def rule_evaluations(schema: dict[str, Any], obj: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any], bool]]:
+    """``(node path, rule, passed)`` for every rule of every node present in ``obj``, as the API
+    server's CEL validator walks it; a rule that cannot evaluate counts as failed, as there."""
     for rule in schema.get("x-kubernetes-validations", []):
         try:
             result = _program(rule["rule"]).evaluate({"self": _to_cel(schema, obj)})
-        except celpy.CELEvalError:  # the API server reports evaluation errors as failures too
+        except celpy.CELEvalError:
             result = False
-        if isinstance(result, Exception) or not result:
-            errors.append((path + rule.get("fieldPath", ""), rule["message"]))
+        yield path, rule, not isinstance(result, Exception) and bool(result)
     if isinstance(obj, dict):
         for name, child in schema.get("properties", {}).items():
             if name in obj:
-                errors += cel_errors(child, obj[name], f"{path}.{name}")
+                yield from rule_evaluations(child, obj[name], f"{path}.{name}")
     if isinstance(obj, list) and isinstance(schema.get("items"), dict):
         for i, item in enumerate(obj):
-            errors += cel_errors(schema["items"], item, f"{path}[{i}]")
-    return errors
+            yield from rule_evaluations(schema["items"], item, f"{path}[{i}]")
+
+
+def cel_errors(schema: dict[str, Any], obj: Any) -> list[tuple[str, str]]:
+    """``(path, message)`` of each failing rule; ``obj`` should already be defaulted."""
+    return [(path + rule.get("fieldPath", ""), rule["message"])
+            for path, rule, passed in rule_evaluations(schema, obj) if not passed]
 
 
 def admission_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:

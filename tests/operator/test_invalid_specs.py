@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import yaml
-from kube_schema import REPO, admission_errors, committed_schema
+from kube_schema import REPO, admission_errors, apply_defaults, committed_schema, rule_evaluations
 
 from rmjob_operator.spec import InvalidSpec, check_name, parse_spec
 
@@ -174,6 +174,20 @@ def test_at_least_15_invalid_specs():
 def test_valid_spec_is_accepted_by_both(schema, spec):
     assert admission_errors(schema, resource(spec)) == []
     parse_spec(spec)
+
+
+@pytest.mark.parametrize("spec", [*VALID.values(), *(spec for spec, _ in INVALID.values())],
+                         ids=[*VALID.keys(), *INVALID.keys()])
+def test_rules_read_an_absent_field_as_its_default(schema, spec):
+    """Every rule gives the same verdict on the job as written as on the job with the schema's
+    defaults filled in: the rules can run where the API server has not defaulted (the CRD's own
+    defaults, when the CRD is created) and mean the same there as on a defaulted job."""
+    raw = resource(spec)
+    on_raw = {(path, rule["rule"]): passed for path, rule, passed in rule_evaluations(schema, raw)}
+    defaulted = apply_defaults(schema, raw)
+    on_defaulted = {(path, rule["rule"]): passed for path, rule, passed in rule_evaluations(schema, defaulted)
+                    if (path, rule["rule"]) in on_raw}
+    assert on_raw == on_defaulted
 
 
 def example_specs() -> list:

@@ -140,3 +140,92 @@ def test_training_padding_free_matches_padded(tiny_model_dir, bundled_dataset_di
     assert "eval/rm/loss" in keys and "train/rm/loss" in keys
     assert {k: packed_metrics[k] for k in keys} == pytest.approx({k: padded_metrics[k] for k in keys},
                                                                   rel=1e-4, abs=1e-5)
+
+
+# --- every architecture family padding-free is used for, windows included --------------------
+WINDOW = 8  # shorter than most of LENGTHS: windowed layers must drop the far past
+
+
+def family_model(family: str, attn: str = "sdpa"):
+    """Tiny random-init models of the families in packing.PACKED_FAMILIES (window 8 where the
+    family has sliding-window layers: all layers for Mistral and Phi-3, some for Qwen2, Qwen3
+    and Gemma 3)."""
+    from transformers import (Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
+
+    if family in ("gpt_neox", "llama"):
+        return tiny_model(family, attn)
+    common = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, num_labels=1,
+                  pad_token_id=PAD)
+    config = {
+        "mistral": lambda: MistralConfig(sliding_window=WINDOW, **common),
+        "phi3": lambda: Phi3Config(sliding_window=WINDOW, **common),
+        # Qwen2/Qwen3: layers from max_window_layers on are windowed (use_sliding_window).
+        "qwen2": lambda: Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, **common),
+        "qwen3": lambda: Qwen3Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                                     head_dim=8, **common),
+        # Gemma 3: windowed local layers interleaved with global ones (layer_types).
+        "gemma3_text": lambda: Gemma3TextConfig(
+            sliding_window=WINDOW, head_dim=8, query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common),
+    }[family]()
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn, dtype=torch.float32)
+
+
+FAMILIES = ["gpt_neox", "llama", "mistral", "phi3", "qwen2", "qwen3", "gemma3_text"]
+
+
+def test_families_under_test_are_the_packed_families():
+    from rmjob_trainer.packing import PACKED_FAMILIES
+
+    assert set(FAMILIES) == set(PACKED_FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rewards_equal_per_sequence_rewards_for_every_family(family):
+    """Each sequence alone (no padding, the model's own sdpa) is the reference; sliding-window
+    layers must not see further back than the window in the packed row either."""
+    model = family_model(family)
+    seqs = sequences()
+    assert max(map(len, seqs)) > WINDOW
+    with torch.no_grad():
+        alone = torch.cat([get_reward(model, torch.tensor([s]), PAD) for s in seqs])
+        packed = packed_rewards(model, collate_packed(seqs))
+        padded_after_switch = get_reward(model, padded(seqs), PAD)
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(padded_after_switch, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_packed_gradients_equal_padded_with_sliding_windows(family):
+    model = family_model(family)
+    seqs = sequences()
+    bt_loss(get_reward(model, padded(seqs), PAD)).backward()
+    expected = grads(model)
+    bt_loss(packed_rewards(model, collate_packed(seqs))).backward()
+    got = grads(model)
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_other_families_fall_back_to_padding_with_a_log_line(caplog):
+    """A family not verified for packing (here OLMo 2) gets padded batches, the same rewards
+    as per sequence, and one warning saying so."""
+    from transformers import Olmo2Config
+
+    config = Olmo2Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64, num_labels=1, pad_token_id=PAD)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    seqs = sequences()
+    with torch.no_grad(), caplog.at_level("WARNING", logger="rmjob_trainer.packing"):
+        alone = torch.cat([get_reward(model, torch.tensor([s]), PAD) for s in seqs])
+        packed = packed_rewards(model, collate_packed(seqs))
+        packed_rewards(model, collate_packed(seqs))
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rmjob_trainer.packing"]
+    assert len(warnings) == 1 and "olmo2" in warnings[0] and "padded" in warnings[0]

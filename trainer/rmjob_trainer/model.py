@@ -106,15 +106,24 @@ def get_reward(model: PreTrainedModel, input_ids: torch.Tensor, pad_token_id: in
     """Reward of each right-padded sequence of ``input_ids`` [batch, seq], read at its last
     non-pad token -> [batch].
 
-    Runs the backbone and applies ``model.score`` to its last hidden state only (no
-    ``output_hidden_states`` for every layer). Pad ids are replaced by 0 before the embedding,
-    so a pad token the embedding matrix lacks (``resize_token_embeddings=False``) is harmless.
+    Pad ids are replaced by 0 before the embedding, so a pad token the embedding matrix lacks
+    (``resize_token_embeddings=False``) is harmless.
     """
     attention_mask = input_ids != pad_token_id
+    return reward_at_last_token(model, input_ids.masked_fill(~attention_mask, 0), attention_mask)
+
+
+def reward_at_last_token(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward of each right-padded row of ``input_ids`` [batch, seq] whose real tokens are
+    ``attention_mask`` (a prefix of each row) -> [batch].
+
+    Runs the backbone and applies ``model.score`` to its last hidden state only (no
+    ``output_hidden_states`` for every layer).
+    """
     position_ids = attention_mask.cumsum(1) - attention_mask.long()
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(
-        input_ids=input_ids.masked_fill(~attention_mask, 0),
+        input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,

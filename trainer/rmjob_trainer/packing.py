@@ -17,22 +17,39 @@ attention implementation (checked in ``masking_utils`` / ``modeling_flash_attent
   cost ``sum(len**2)``.
 
 So for ``sdpa`` models ``packed_rewards`` switches the model, once, to ``sdpa_varlen``
-(registered below): SDPA run causally on each sequence's slice, no mask materialised. It
+(registered below): the model's own SDPA call run on each sequence's slice, with no mask
+beyond that slice's own. Layers that declare a sliding window (``sliding_window`` passed to
+the attention function: every layer of Mistral and Phi-3, the windowed layers of Qwen2/Qwen3
+with ``use_sliding_window``, Gemma 3's local layers per ``layer_types``) get a per-sequence
+causal window mask, as the padded path's ``create_sliding_window_causal_mask`` builds. It
 behaves exactly like ``sdpa`` on ordinary (padded or unpadded) batches, so ``get_reward`` and
 generation keep working on the switched model. Other implementations are used as they are.
-GPT-NeoX (pythia) and Llama route every attention call through ``AttentionInterface`` and pass
-``position_ids`` and the extra keyword arguments down to it, which is what this relies on.
+
+Packing relies on every layer mixing tokens only through ``AttentionInterface`` with the
+masks above; chunked, linear or recurrent layers would carry state across the packed
+sequences. So it is used only for the families in ``PACKED_FAMILIES``, each checked against
+per-sequence rewards in tests/trainer/test_packing.py; any other model gets padded batches
+(same rewards, more compute) and one warning.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from rmjob_trainer.model import reward_at_last_token
+
+logger = logging.getLogger(__name__)
+
 VARLEN_SDPA = "sdpa_varlen"
+# config.model_type of the families whose packed rewards are verified to equal per-sequence
+# rewards (tests/trainer/test_packing.py, sliding windows included).
+PACKED_FAMILIES = ("gpt_neox", "llama", "mistral", "phi3", "qwen2", "qwen3", "gemma3_text")
 
 
 def collate_packed(sequences: list[list[int]]) -> dict:
@@ -64,6 +81,7 @@ def packed_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
 
     Equal (up to float rounding) to ``model.get_reward`` on the same sequences right-padded.
     An ``sdpa`` model is switched to ``sdpa_varlen`` on first use (see the module docstring).
+    A model outside ``PACKED_FAMILIES`` is run on the same sequences right-padded instead.
     Raises ``ValueError`` for a model whose attention does not go through transformers'
     ``AttentionInterface`` (some remote-code models): it would ignore the sequence boundaries
     and silently attend across the packed sequences.
@@ -72,6 +90,12 @@ def packed_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
         raise ValueError(f"padding_free: {type(model).__name__} does not use transformers' attention "
                          "interface, so packed sequences would attend to each other; set padding_free "
                          "to false for this model")
+    if model.config.model_type not in PACKED_FAMILIES:
+        if not getattr(model, "_rmjob_padding_announced", False):
+            logger.warning("padding_free: packing is not verified for %r models (verified: %s); "
+                           "using padded batches instead", model.config.model_type, ", ".join(PACKED_FAMILIES))
+            model._rmjob_padding_announced = True
+        return _padded_rewards(model, batch)
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(VARLEN_SDPA)
     cu_seq_lens = batch["cu_seq_lens"]
@@ -91,6 +115,15 @@ def packed_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
     return model.score(hidden[0, last]).squeeze(-1)
 
 
+def _padded_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
+    """The packed sequences right-padded (with token 0, masked out) through the ordinary path."""
+    seq_lens = batch["seq_lens"].to(batch["input_ids"].device)
+    rows = batch["input_ids"][0].split(seq_lens.tolist())
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    attention_mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None] < seq_lens[:, None]
+    return reward_at_last_token(model, input_ids, attention_mask)
+
+
 def _segment_bounds(position_ids: torch.Tensor) -> torch.Tensor:
     """cu_seq_lens of a packed [1, total] row: a new sequence starts wherever the position does
     not follow the previous one (as ``masking_utils.find_packed_sequence_indices`` decides)."""
@@ -107,33 +140,46 @@ def sdpa_varlen_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    position_bias: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA, causal within each packed sequence; plain ``sdpa`` for any other batch.
+    """``sdpa`` within each packed sequence; plain ``sdpa`` for any other batch.
 
     ``query/key/value`` are ``[1, heads, total, head_dim]``. A packed batch is a single row with
     no padding mask and no cache; its sequences are given by ``cu_seq_lens_q`` or, when called
     without it, found from ``position_ids`` -- so the model never silently attends across them.
+    Each sequence goes through ``sdpa_attention_forward`` with everything the layer passed
+    (scaling, causality, grouped-query heads, its slice of a position bias), plus a window
+    mask when the layer has a ``sliding_window``.
     """
     packed = attention_mask is None and query.shape[0] == 1 and key.shape[2] == query.shape[2]
     if packed and cu_seq_lens_q is None and position_ids is not None:
         cu_seq_lens_q = _segment_bounds(position_ids)
     if not packed or cu_seq_lens_q is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, position_ids=position_ids, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids,
+                                      sliding_window=sliding_window, position_bias=position_bias, **kwargs)
 
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    lengths = cu_seq_lens_q.diff().tolist()
-    outputs = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
-        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
-    ]
-    return torch.cat(outputs, 2).transpose(1, 2).contiguous(), None
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    bounds = cu_seq_lens_q.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        window_mask = None
+        if sliding_window is not None and end - start > 1:
+            distance = torch.arange(end - start, device=query.device)
+            distance = distance[:, None] - distance[None, :]  # query index - key index
+            # masking_utils' window: a query sees keys less than `sliding_window` positions back
+            window_mask = (distance.abs() < sliding_window) & ((distance >= 0) if causal else True)
+            window_mask = window_mask[None, None]
+        bias = None if position_bias is None else position_bias[..., start:end, start:end]
+        output, _ = sdpa_attention_forward(
+            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], window_mask,
+            position_bias=bias, **kwargs)
+        outputs.append(output)
+    return torch.cat(outputs, 1), None
 
 
 def _sdpa_varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:

@@ -365,3 +365,51 @@ def test_tiny_models_are_deterministic_and_load(tmp_path, tiny_model_dir, tiny_l
     text = "I found the service wonderful, and the view was lovely too."
     assert neox_tok.decode(neox_tok(text)["input_ids"]) == text
     assert len(neox_tok(text)["input_ids"]) < len(text) / 3  # trained merges, not bytes
+
+
+# --- the default eval set ----------------------------------------------------------------------
+def _hub_layout(root, splits: dict[str, list[dict]]) -> str:
+    (root / "data").mkdir(parents=True)
+    for split, rows in splits.items():
+        Dataset.from_list(rows).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return str(root)
+
+
+def _rows(n: int, tag: str) -> list[dict]:
+    return [pair(f"{tag} question {i}", f"good answer {i}", f"bad answer {i}") for i in range(n)]
+
+
+def test_default_eval_set_of_a_source_without_splits_is_refused(tokenizer, tmp_path):
+    """A data file or a single-Dataset save_to_disk folder ignores the split name: the default
+    eval set (the training mixer at --dataset_eval_splits) would be the training rows."""
+    jsonl = write_jsonl(tmp_path / "pairs.jsonl", _rows(12, "file"))
+    saved = tmp_path / "saved"
+    Dataset.from_list(_rows(12, "disk")).save_to_disk(str(saved))
+    for source in (jsonl, str(saved)):
+        with pytest.raises(DataError, match=rf"^--dataset_eval_mixer is needed: {source} has no splits"):
+            build_datasets(config({source: 1.0}), tokenizer)
+    # Named explicitly, the same file is what the user asked for.
+    train, evaluation = build_datasets(config({jsonl: 1.0}, dataset_eval_mixer={jsonl: 1.0}), tokenizer)
+    assert len(train) == len(evaluation) == 12
+
+
+def test_default_eval_on_the_training_split_is_refused(tokenizer, tmp_path):
+    source = _hub_layout(tmp_path / "hub", {"train": _rows(12, "train")})
+    with pytest.raises(DataError, match=r"^--dataset_eval_splits: .* would be evaluated on its training split 'train'"):
+        build_datasets(config({source: 1.0}, dataset_eval_splits=["train"]), tokenizer)
+
+
+def test_default_eval_reads_the_whole_eval_split_not_the_training_row_count(tokenizer, tmp_path):
+    source = _hub_layout(tmp_path / "hub", {"train": _rows(30, "train"), "test": _rows(10, "test")})
+    train, evaluation = build_datasets(config({source: 20}), tokenizer)
+    assert (len(train), len(evaluation)) == (20, 10)
+    assert {row["chosen"][0]["content"] for row in evaluation} == {f"test question {i}" for i in range(10)}
+
+
+def test_no_eval_set_is_loaded_without_evaluations(tokenizer, tmp_path):
+    """A train-only dataset trains with --num_evals 0 (no missing 'test' split error)."""
+    source = _hub_layout(tmp_path / "hub", {"train": _rows(12, "train")})
+    train, evaluation = build_datasets(config({source: 1.0}, num_evals=0), tokenizer)
+    assert len(train) == 12 and evaluation is None
+    with pytest.raises(DataError, match=r"test"):
+        build_datasets(config({source: 1.0}), tokenizer)  # evaluations asked for: the split must exist

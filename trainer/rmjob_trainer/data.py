@@ -109,6 +109,14 @@ def set_chat_template(tokenizer, name: str) -> None:
 # --- loading -------------------------------------------------------------------------------
 
 
+def has_no_splits(name: str) -> bool:
+    """Sources that are a single dataset, whatever split is asked for: a .json/.jsonl/.parquet
+    file or a ``save_to_disk`` folder of one Dataset."""
+    return name.endswith((".json", ".jsonl", ".parquet")) or (
+        Path(name).is_dir() and not (Path(name) / "dataset_dict.json").exists()
+        and (Path(name) / "state.json").exists())
+
+
 def load_source(name: str, split: str) -> Dataset:
     """One split of one dataset source.
 
@@ -229,6 +237,10 @@ def normalize_preferences(dataset: Dataset, where: str, invalid_rows: str, num_p
     return normalized.remove_columns(_INVALID_KEY)
 
 
+def _per_source(splits: Sequence[str], count: int) -> list[str]:
+    return list(splits) * count if len(splits) == 1 else list(splits)
+
+
 def load_mixture(
     mixer: dict[str, float],
     splits: Sequence[str],
@@ -240,8 +252,7 @@ def load_mixture(
     """Load, subset, validate and concatenate the datasets of a mixer (open-instruct's
     ``combine_dataset``). One split applies to every dataset; otherwise one split per dataset.
     ``max_rows_per_source`` caps each source early (sanity-check mode)."""
-    if len(splits) == 1:
-        splits = list(splits) * len(mixer)
+    splits = _per_source(splits, len(mixer))
     if len(splits) != len(mixer):
         raise ValueError(f"{len(splits)} splits for {len(mixer)} datasets")
     parts = []
@@ -383,12 +394,33 @@ def visualize_token(tokens: Sequence[int], tokenizer) -> None:
 # --- everything together ---------------------------------------------------------------------
 
 
-def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset]:
-    """RewardConfig -> (train, eval) tokenized, filtered datasets.
+def eval_mixer(cfg) -> dict[str, float]:
+    """``--dataset_eval_mixer``, or by default every training dataset read whole at its
+    ``--dataset_eval_splits`` split (the training mixer's fractions and row counts are for its
+    training splits). A default that would be training rows is a DataError: a source without
+    splits, or an eval split equal to the training split."""
+    if cfg.dataset_eval_mixer:
+        return cfg.dataset_eval_mixer
+    names = list(cfg.dataset_mixer)
+    pairs = zip(names, _per_source(cfg.dataset_train_splits, len(names)),
+                _per_source(cfg.dataset_eval_splits, len(names)))
+    for name, train_split, eval_split in pairs:
+        if has_no_splits(name):
+            raise DataError(f"--dataset_eval_mixer is needed: {name} has no splits, so the default eval set "
+                            "(the training datasets at --dataset_eval_splits) would be the training rows")
+        if eval_split == train_split:
+            raise DataError(f"--dataset_eval_splits: {name} would be evaluated on its training split "
+                            f"{train_split!r}; name another split or give --dataset_eval_mixer")
+    return dict.fromkeys(names, 1.0)
 
-    Sets the tokenizer's chat template from ``cfg.chat_template``. The eval datasets default
-    to ``dataset_mixer`` read from ``dataset_eval_splits``. Columns: ``chosen``, ``rejected``
-    (messages) and the three ``input_ids_*`` lists.
+
+def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None]:
+    """RewardConfig -> (train, eval) tokenized, filtered datasets; eval is None with
+    ``num_evals 0`` (nothing is loaded that would not be used).
+
+    Sets the tokenizer's chat template from ``cfg.chat_template``. The eval datasets are
+    :func:`eval_mixer`'s. Columns: ``chosen``, ``rejected`` (messages) and the three
+    ``input_ids_*`` lists.
     """
     set_chat_template(tokenizer, cfg.chat_template)
     processor = PreferenceDatasetProcessor(tokenizer, cfg)
@@ -397,10 +429,11 @@ def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset]:
         "num_proc": processor.num_proc,
         "max_rows_per_source": cfg.sanity_check_max_samples if cfg.sanity_check else None,
     }
-    dataset = DatasetDict({
-        "train": load_mixture(cfg.dataset_mixer, cfg.dataset_train_splits, **options),
-        "eval": load_mixture(cfg.dataset_eval_mixer or cfg.dataset_mixer, cfg.dataset_eval_splits, **options),
-    })
+    evaluating = cfg.num_evals > 0
+    eval_sources = eval_mixer(cfg) if evaluating else None  # checked before any loading
+    dataset = DatasetDict({"train": load_mixture(cfg.dataset_mixer, cfg.dataset_train_splits, **options)})
+    if evaluating:
+        dataset["eval"] = load_mixture(eval_sources, cfg.dataset_eval_splits, **options)
     processor.sanity_check_(dataset)
     tokenized = processor.tokenize(dataset)
     filtered = processor.filter(tokenized)
@@ -415,4 +448,4 @@ def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset]:
                 f"{cfg.max_token_length} and --max_prompt_token_length {cfg.max_prompt_token_length} "
                 f"(shortest pair: {shortest_pair} tokens, shortest prompt: {shortest_prompt} tokens)"
             )
-    return filtered["train"], filtered["eval"]
+    return filtered["train"], filtered.get("eval")

@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +50,18 @@ WORKLOAD_RUN_POLICY = {"PyTorchJob": ("spec", "runPolicy"), "Job": ("spec",)}
 # --- operator setup -------------------------------------------------------------------
 
 
+def peering_priority() -> int:
+    """A kopf peering priority that no other replica has.
+
+    kopf pauses *every* operator that sees a live peer of its own priority, so replicas that
+    all kept the default 0 would all stand still. The newest replica gets the highest
+    priority (milliseconds since the epoch): in a rolling update the new pod takes over at
+    once and the old one stands by until it stops. Random low digits break a tie between
+    replicas started in the same millisecond.
+    """
+    return time.time_ns() // 1_000_000 * 1000 + random.randrange(1000)
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # kopf keeps handler progress and the last-handled spec in annotations by default; in
@@ -55,6 +69,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # status.kopf with x-kubernetes-preserve-unknown-fields).
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.lastHandledSpec")
+    settings.peering.priority = peering_priority()  # read by kopf at every peering keep-alive
     memo.kube = KubeApi()
     # Per-job locks: the workload watcher and the spec handlers both rewrite status.conditions.
     memo.status_locks = collections.defaultdict(asyncio.Lock)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 
+import celpy
 import kubernetes_validate
 import pytest
 import yaml
@@ -164,3 +165,57 @@ def test_chart_crd_is_the_generated_one():
     assert filecmp.cmp(CHART / "crds" / "rewardmodeljobs.yaml", MANIFESTS / "crd.yaml", shallow=False), (
         "charts/rmjob-operator/crds/rewardmodeljobs.yaml differs from manifests/crd.yaml: run `make crd`"
     )
+
+
+def admission_verdict(policy: dict, job: dict) -> list[str]:
+    """The messages of the policy's failing validations for ``job`` (empty: admitted), evaluated
+    with cel-python as the API server's ValidatingAdmissionPolicy plugin evaluates them on a
+    create (``object`` is the job as sent; a rule that cannot evaluate counts as a denial,
+    as with failurePolicy Fail)."""
+    env = celpy.Environment()
+    failures = []
+    for validation in policy["spec"]["validations"]:
+        try:
+            result = env.program(env.compile(validation["expression"])).evaluate({"object": celpy.json_to_cel(job)})
+        except celpy.CELEvalError:
+            result = False
+        if isinstance(result, Exception) or not result:
+            failures.append(validation["message"])
+    return failures
+
+
+def rewardmodeljob(name: str = "rm", **resources) -> dict:
+    return {"apiVersion": "rmjob.dev/v1alpha1", "kind": "RewardModelJob", "metadata": {"name": name, "namespace": "ml"},
+            "spec": {"trainer": {"modelNameOrPath": "m", "datasetMixer": {"d": 1.0}}, "resources": resources}}
+
+
+def test_admission_policy_limits_service_accounts_and_forbids_host_path(helm_template):
+    """Emulates the API server admitting RewardModelJobs under the chart's ValidatingAdmissionPolicy.
+    Also worth running against the real control plane (kubectl apply of the same jobs)."""
+    objects = helm_template("--set", "admissionPolicy.allowedServiceAccounts={team-sa}",
+                            "--set", "trainerServiceAccount.create=true")
+    (policy,) = by_kind(objects, "ValidatingAdmissionPolicy")
+    (binding,) = by_kind(objects, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["rewardmodeljobs"]
+
+    pvc = {"name": "out", "persistentVolumeClaim": {"claimName": "rm-out"}}
+    for allowed in (rewardmodeljob(), rewardmodeljob(serviceAccountName="rm-trainer", volumes=[pvc]),
+                    rewardmodeljob(serviceAccountName="team-sa"), rewardmodeljob(serviceAccountName="rmjob-trainer")):
+        assert admission_verdict(policy, allowed) == [], allowed
+    host = {"name": "host", "hostPath": {"path": "/var/run/docker.sock"}}
+    assert admission_verdict(policy, rewardmodeljob(volumes=[pvc, host])) == [
+        "spec.resources.volumes must not use hostPath"]
+    for account in ("default", "rmjob-operator", "other-job-trainer"):
+        (message,) = admission_verdict(policy, rewardmodeljob(serviceAccountName=account))
+        assert message.startswith("spec.resources.serviceAccountName must be the job's own NAME-trainer account")
+
+
+def test_admission_policy_binds_to_the_watched_namespaces(helm_template):
+    (binding,) = by_kind(helm_template(*VALUE_SETS["namespace-scope"]), "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]
+    (binding,) = by_kind(helm_template(), "ValidatingAdmissionPolicyBinding")
+    assert "matchResources" not in binding["spec"]  # cluster scope: every namespace
+    assert not by_kind(helm_template("--set", "admissionPolicy.enabled=false"), "ValidatingAdmissionPolicy")

@@ -32,6 +32,7 @@ from rmjob_operator.kube import KubeApi
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 OUR_CRD = REPO / "manifests" / "crd.yaml"
+KOPF_PEERING_CRDS = REPO / "manifests" / "kopf-peerings.yaml"
 PYTORCHJOB_CRD = REPO.parent / "shared" / "reference" / "crds" / "kubeflow.org_pytorchjobs.v1.9.0.yaml"
 NAMESPACE = "team-a"
 
@@ -125,12 +126,18 @@ class Cluster(kmock.KubernetesEmulator):
 
 
 @functools.cache
-def _load_yaml(path: pathlib.Path) -> dict:
-    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+def _load_documents(path: pathlib.Path) -> list[dict]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return [doc for doc in yaml.load_all(path.read_text(), Loader=loader) if doc]
+
+
+def load_documents(path: pathlib.Path) -> list[dict]:
+    return copy.deepcopy(_load_documents(path))
 
 
 def load_yaml(path: pathlib.Path) -> dict:
-    return copy.deepcopy(_load_yaml(path))
+    (document,) = load_documents(path)
+    return document
 
 
 AnyCluster = TypeVar("AnyCluster", bound=Cluster)
@@ -157,8 +164,9 @@ async def emulated_cluster(cluster_class: type[AnyCluster], monkeypatch: pytest.
     monkeypatch.setattr(parsing, "parse_path", _parse_path_with_namespaces(parsing.parse_path))
     async with cluster_class() as emulator, kmock.Server(emulator):
         emulator.resources.load_bundled()
-        for crd in crds:
-            emulator.register_crd(load_yaml(crd))
+        for path in crds:
+            for crd in load_documents(path):
+                emulator.register_crd(crd)
         kubeconfig = tmp_path / f"kubeconfig-{emulator.url.port}"  # one per cluster a test starts
         kubeconfig.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
@@ -172,16 +180,18 @@ async def emulated_cluster(cluster_class: type[AnyCluster], monkeypatch: pytest.
 
 
 @contextlib.asynccontextmanager
-async def running_operator(namespace: str = NAMESPACE) -> AsyncIterator[asyncio.Task]:
-    """The real operator (handlers.py, kopf's default registry) as an asyncio task."""
+async def running_operator(namespace: str = NAMESPACE, peering: str | None = None,
+                           identity: str | None = None) -> AsyncIterator[asyncio.Task]:
+    """The real operator (handlers.py, kopf's default registry) as an asyncio task; standalone,
+    or one replica of the peering group ``peering`` (as ``--peering``) known as ``identity``."""
     ready = asyncio.Event()
     settings = kopf.OperatorSettings()
     # Every resource is declared before the operator starts: one discovery at start-up
     # suffices, and no periodic rescans slow the tests.
     settings.scanning.disabled = True
     task = asyncio.create_task(kopf.operator(
-        standalone=True, namespaces=[namespace], clusterwide=False, settings=settings,
-        ready_flag=ready,
+        standalone=peering is None, peering_name=peering, identity=identity,
+        namespaces=[namespace], clusterwide=False, settings=settings, ready_flag=ready,
     ))
     await asyncio.wait_for(ready.wait(), 10)
     try:

@@ -231,6 +231,12 @@ def _container_resources(spec: RewardModelJobSpec) -> dict[str, Any]:
     return resources
 
 
+# With the pod-level settings below, what Pod Security "restricted" asks of every container:
+# namespaces that enforce it refuse the pods otherwise.
+TRAINER_CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
 TRAINER_POD_SECURITY_CONTEXT = {
     "runAsNonRoot": True,
     "runAsUser": 10001,
@@ -260,6 +266,7 @@ def _pod_template(
         "env": _env(body, spec, distributed_env),
         "ports": [{"name": port_name, "containerPort": MASTER_PORT, "protocol": "TCP"}],
         "resources": _container_resources(spec),
+        "securityContext": TRAINER_CONTAINER_SECURITY_CONTEXT,
         "volumeMounts": mounts,
     }
     if res.image_pull_policy:

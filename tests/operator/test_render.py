@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from kube_schema import REPO, schema_errors
+from pod_security import restricted_violations
 from test_invalid_specs import FULL, MINIMAL, SECRET, resource, with_changes
 
 from rmjob_operator import render
@@ -307,3 +308,25 @@ def test_invalid_specs_and_names_raise_invalid_spec():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         render.render_children(job(), "auto")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_trainer_pods_pass_pod_security_restricted(backend, spec):
+    """Emulates the PodSecurity admission plugin of a namespace enforcing ``restricted``: the
+    Job or PyTorchJob controller's pod creations would be refused for any violation.
+    Also worth running against the real control plane (a namespace with the enforce label)."""
+    workload = render.render_children(job(spec), backend)[-1]
+    replicas = ["Master", "Worker"] if workload["kind"] == "PyTorchJob" and "Worker" in (
+        workload["spec"]["pytorchReplicaSpecs"]) else ["Master"]
+    for replica in replicas:
+        assert restricted_violations(pod_spec(workload, replica)) == []
+
+
+def test_pod_security_check_finds_what_restricted_refuses():
+    pod = {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+           "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+           "containers": [{"name": "c", "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}]}
+    assert restricted_violations(pod) == [
+        "volume h: hostPath", "c: allowPrivilegeEscalation != false", "c: capabilities.drop does not include ALL",
+        "c: capabilities.add beyond NET_BIND_SERVICE"]

@@ -32,7 +32,7 @@ import kopf
 
 from rmjob_operator import API_VERSION, GROUP, KIND, PLURAL, VERSION, render
 from rmjob_operator import conditions as cond
-from rmjob_operator.kube import ApiError, KubeApi, object_path, path_of
+from rmjob_operator.kube import PLURALS, ApiError, KubeApi, object_path, path_of
 from rmjob_operator.spec import InvalidSpec, RewardModelJobSpec, check_name, parse_spec
 
 JOB_LABEL = "rmjob.dev/job-name"
@@ -40,6 +40,9 @@ JOB_LABEL = "rmjob.dev/job-name"
 SPEC_HASH_ANNOTATION = "rmjob.dev/spec-hash"  # everything but the safe runPolicy fields
 RUN_POLICY_ANNOTATION = "rmjob.dev/run-policy"  # the safe runPolicy fields last applied
 PYTORCHJOB_API = ("kubeflow.org/v1", "pytorchjobs")
+
+# Between retries of a child whose name a deleted job's child still holds.
+STALE_CHILD_RETRY_SECONDS = 5.0
 
 # runPolicy fields a started workload can take in flight; any other spec change is refused.
 SAFE_FIELDS = ("suspend", "ttlSecondsAfterFinished", "activeDeadlineSeconds")
@@ -132,15 +135,17 @@ def phase_event(owner: dict, phase: str, message: str) -> None:
     kopf.event(owner, type="Warning" if phase == cond.FAILED else "Normal", reason=phase, message=message)
 
 
-async def update_status(memo: kopf.Memo, namespace: str, name: str, compute: Callable[[dict], dict]) -> dict:
+async def update_status(memo: kopf.Memo, namespace: str, name: str, compute: Callable[[dict], dict],
+                        uid: str | None = None) -> dict:
     """Read the job, ``compute(job) -> status patch``, merge-patch it; serialised per job.
 
-    Returns the patch (empty when nothing changed or the job is gone). Emits an Event when
-    the phase changes.
+    With ``uid``, only that incarnation of the job is patched (a job deleted and re-created
+    under the same name is another object). Returns the patch (empty when nothing changed or
+    the job is gone). Emits an Event when the phase changes.
     """
     async with memo.status_locks[namespace, name]:
         owner = await memo.kube.get(object_path(API_VERSION, KIND, namespace, name))
-        if owner is None:
+        if owner is None or (uid is not None and owner["metadata"].get("uid") != uid):
             return {}
         patch = cond.changed(owner.get("status") or {}, compute(owner))
         if patch:
@@ -156,26 +161,65 @@ async def choose_backend(kube: KubeApi, requested: str) -> str:
     return "pytorchjob" if await kube.serves(*PYTORCHJOB_API) else "job"
 
 
+class ChildNameTaken(Exception):
+    """A child's name is held by an object that is not going away (no owner, or a live one)."""
+
+
+class ChildNameReleasing(Exception):
+    """A child's name is still held by the child of a deleted owner (typically this job's
+    predecessor of the same name): Kubernetes' garbage collector deletes it asynchronously."""
+
+
+async def _owner_alive(kube: KubeApi, ref: dict, namespace: str) -> bool:
+    if ref.get("kind") not in PLURALS:
+        return True  # an owner we cannot look up: assume it stays
+    found = await kube.get(object_path(ref["apiVersion"], ref["kind"], namespace, ref["name"]))
+    return found is not None and found["metadata"].get("uid") == ref.get("uid")
+
+
+async def _holder_stays(kube: KubeApi, existing: dict) -> bool:
+    meta = existing["metadata"]
+    if meta.get("deletionTimestamp"):
+        return False
+    refs = meta.get("ownerReferences") or []
+    if not refs:
+        return True
+    for ref in refs:
+        if await _owner_alive(kube, ref, meta["namespace"]):
+            return True
+    return False  # every owner is gone: the garbage collector deletes it
+
+
 async def create_child(kube: KubeApi, child: dict, owner: dict, logger: logging.Logger) -> None:
-    """Create ``child``; an existing one of ours is success (a retried create or a restart)."""
+    """Create ``child``; an existing one of ours is success (a retried create or a restart).
+
+    Raises :class:`ChildNameReleasing` while the name belongs to an object on its way out, and
+    :class:`ChildNameTaken` when it belongs to one that stays.
+    """
+    kind, name = child["kind"], child["metadata"]["name"]
     try:
         await kube.create(child)
-        logger.info("created %s %s", child["kind"], child["metadata"]["name"])
+        logger.info("created %s %s", kind, name)
     except ApiError as e:
         if e.status != 409:
             raise
         existing = await kube.get(path_of(child))
-        if existing is None or not is_ours(existing, owner):
-            raise kopf.PermanentError(
-                f"{child['kind']} {child['metadata']['name']} exists and is not owned by this job"
-            ) from None
+        if existing is None:
+            raise ChildNameReleasing(f"{kind} {name} was being deleted") from None
+        if is_ours(existing, owner):
+            return
+        if await _holder_stays(kube, existing):
+            raise ChildNameTaken(f"{kind} {name} already exists and does not belong to this job; "
+                                 "delete it or give the job another name") from None
+        raise ChildNameReleasing(f"{kind} {name} still belongs to a deleted owner") from None
 
 
-async def sync_from_workload(memo: kopf.Memo, namespace: str, name: str, workload: dict) -> dict:
+async def sync_from_workload(memo: kopf.Memo, namespace: str, name: str, uid: str, workload: dict) -> dict:
     now = cond.now_iso()
     return await update_status(
         memo, namespace, name,
         lambda owner: cond.workload_status_patch(owner, workload["kind"], workload.get("status"), now),
+        uid=uid,
     )
 
 
@@ -208,9 +252,23 @@ def created_patch(owner: dict, spec: RewardModelJobSpec, workload_ref: dict) -> 
                      "worldSize": spec.world_size},
         "conditions": conditions,
     }
-    if status.get("phase") in (None, cond.FAILED) and not status.get("workload"):
-        patch.update(phase=cond.PENDING, message=message)  # first creation, or a fixed invalid spec
+    if not status.get("workload"):  # first creation, after a wait, or a fixed invalid spec
+        patch.update(phase=cond.PENDING, message=message)
     return patch
+
+
+def waiting_patch(owner: dict, reason: str) -> dict:
+    message = f"waiting for the garbage collector: {reason}"
+    conditions = cond.set_condition((owner.get("status") or {}).get("conditions") or [], cond.CREATED, False,
+                                    "WaitingForOldChildren", message, owner["metadata"].get("generation"),
+                                    cond.now_iso())
+    return {"phase": cond.PENDING, "message": message, "conditions": conditions}
+
+
+def name_taken_patch(owner: dict, message: str) -> dict:
+    conditions = cond.set_condition((owner.get("status") or {}).get("conditions") or [], cond.CREATED, False,
+                                    "ChildNameTaken", message, owner["metadata"].get("generation"), cond.now_iso())
+    return {"phase": cond.FAILED, "message": message, "conditions": conditions}
 
 
 async def reject(memo: kopf.Memo, body: kopf.Body, err: InvalidSpec, logger: logging.Logger) -> None:
@@ -244,16 +302,26 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **
         children = render.render_children(owner, backend, os.environ.get("RMJOB_TRAINER_IMAGE"))
         kopf.adopt(children, owner=owner, strict=True)
         workload_ref = render.workload_ref(owner, backend)
-        for child in children:
-            if is_workload(child, workload_ref):
-                child["metadata"].setdefault("annotations", {}).update(workload_annotations(spec))
-            await create_child(memo.kube, child, owner, logger)
+        try:
+            for child in children:
+                if is_workload(child, workload_ref):
+                    child["metadata"].setdefault("annotations", {}).update(workload_annotations(spec))
+                await create_child(memo.kube, child, owner, logger)
+        except ChildNameReleasing as err:
+            logger.info("waiting: %s", err)
+            await update_status(memo, namespace, name, lambda owner: waiting_patch(owner, str(err)), uid=meta["uid"])
+            raise kopf.TemporaryError(str(err), delay=STALE_CHILD_RETRY_SECONDS) from None
+        except ChildNameTaken as err:
+            logger.warning("%s", err)
+            await update_status(memo, namespace, name, lambda owner: name_taken_patch(owner, str(err)),
+                                uid=meta["uid"])
+            return
         await update_status(memo, namespace, name, lambda owner: created_patch(owner, spec, workload_ref))
 
     path = object_path(workload_ref["apiVersion"], workload_ref["kind"], namespace, workload_ref["name"])
     workload = await memo.kube.get(path)
-    if workload is not None:  # on resume, the workload may have moved on while we were away
-        await sync_from_workload(memo, namespace, name, workload)
+    if workload is not None and is_ours(workload, body):  # on resume it may have moved on meanwhile
+        await sync_from_workload(memo, namespace, name, meta["uid"], workload)
 
 
 # --- workload -> status ----------------------------------------------------------------
@@ -264,10 +332,12 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **
 async def workload_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if event["type"] == "DELETED":
         return  # deleted with its job (GC), or by hand: the job keeps its last known phase
-    owners = [ref for ref in body.metadata.get("ownerReferences") or [] if ref.get("kind") == KIND]
+    owners = [ref for ref in body.metadata.get("ownerReferences") or []
+              if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION]
     if not owners:
         return  # labelled like ours, but not created by this operator
-    await sync_from_workload(memo, body.metadata.namespace, owners[0]["name"], dict(body))
+    # By uid: a late event of a deleted job's workload must not reach its same-name successor.
+    await sync_from_workload(memo, body.metadata.namespace, owners[0]["name"], owners[0]["uid"], dict(body))
 
 
 # --- spec updates ----------------------------------------------------------------------

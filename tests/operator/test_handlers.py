@@ -10,6 +10,7 @@ import kmock
 import pytest
 import yaml
 
+from rmjob_operator import handlers
 from kmock_cluster import (
     CONFIGMAPS, JOBS, NAMESPACE, PYTORCHJOBS, REPO, RMJ, Cluster, api, collect_garbage, condition,
     crash_after_workload_created, new_job, phase_is, rmj, rmj_path, running_operator, wait_for,
@@ -187,6 +188,68 @@ async def test_delete_leaves_cleanup_to_the_garbage_collector(cluster: Cluster, 
     assert len(collected) == 6
     await asyncio.sleep(0.5)  # the operator must not resurrect anything for a deleted job
     assert cluster.live(JOBS) == [] and cluster.live(CONFIGMAPS) == []
+
+
+async def recreate_before_garbage_collection(cluster: Cluster) -> str:
+    """Start rm-test, delete it and create it again while its children are still there (the
+    garbage collector has not run); returns the first job's uid."""
+    await started(cluster, new_job(), JOBS)
+    old_uid = rmj(cluster)["metadata"]["uid"]
+    await api(cluster, "delete", rmj_path("rm-test"))
+    await wait_for(lambda: cluster.get(RMJ, "rm-test") is None)
+    await api(cluster, "post", rmj_path(), new_job())
+    await wait_for(lambda: rmj(cluster) and rmj(cluster)["metadata"]["uid"] != old_uid, message="the new job")
+    return old_uid
+
+
+async def test_recreated_job_waits_for_the_old_children_then_starts(cluster: Cluster, operator: asyncio.Task,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulates kube-controller-manager's garbage collector, which deletes a deleted job's
+    children asynchronously, some time after the job: the old children still hold their names
+    when ``kubectl delete`` + ``kubectl apply`` re-creates the job. Also worth running against
+    the real control plane (delete and re-apply an example at once)."""
+    monkeypatch.setattr(handlers, "STALE_CHILD_RETRY_SECONDS", 0.2)
+    old_uid = await recreate_before_garbage_collection(cluster)
+    waiting = await wait_for(lambda: condition(rmj(cluster), "Created"), message="a Created condition")
+    assert (waiting["status"], waiting["reason"]) == ("False", "WaitingForOldChildren")
+    assert rmj(cluster)["status"]["phase"] == "Pending"
+
+    assert await collect_garbage(cluster)
+    await wait_for(lambda: (rmj(cluster).get("status") or {}).get("workload"), message="the new workload")
+    new_uid = rmj(cluster)["metadata"]["uid"]
+    for child in (cluster.get(JOBS, "rm-test"), cluster.get(CONFIGMAPS, "rm-test-config")):
+        assert [ref["uid"] for ref in child["metadata"]["ownerReferences"]] == [new_uid] != [old_uid]
+    assert condition(rmj(cluster), "Created")["status"] == "True"
+    assert rmj(cluster)["status"]["phase"] == "Pending"
+
+
+async def test_a_name_held_by_a_live_object_fails_the_job_with_a_condition(cluster: Cluster,
+                                                                           operator: asyncio.Task) -> None:
+    """A ConfigMap the user created by hand (no owner: the garbage collector never deletes it)
+    holds the name of the job's ConfigMap: the job fails, once, saying which object."""
+    await api(cluster, "post", f"/api/v1/namespaces/{NAMESPACE}/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "rm-test-config", "namespace": NAMESPACE}})
+    await api(cluster, "post", rmj_path(), new_job())
+    await wait_for(phase_is(cluster, "Failed"))
+    created = condition(rmj(cluster), "Created")
+    assert (created["status"], created["reason"]) == ("False", "ChildNameTaken")
+    assert created["message"].startswith("ConfigMap rm-test-config already exists")
+    assert cluster.live(JOBS) == []
+
+
+async def test_late_events_of_a_deleted_jobs_workload_do_not_reach_its_successor(
+        cluster: Cluster, operator: asyncio.Task, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulates the Job controller finishing the old workload after its job was deleted and
+    re-created under the same name (the garbage collector has not removed the workload yet)."""
+    monkeypatch.setattr(handlers, "STALE_CHILD_RETRY_SECONDS", 0.2)
+    await recreate_before_garbage_collection(cluster)
+    await wait_for(phase_is(cluster, "Pending"))
+    complete = {"type": "Complete", "status": "True", "reason": "CompletionsReached", "message": "done"}
+    await api(cluster, "patch", JOB_STATUS, {"status": {"conditions": [complete], "succeeded": 2}})
+    await asyncio.sleep(0.5)
+    status = rmj(cluster)["status"]
+    assert status["phase"] == "Pending" and "completionTime" not in status
+    assert condition(rmj(cluster), "Succeeded") is None
 
 
 INVALID = [

@@ -40,6 +40,7 @@ JOB_LABEL = "rmjob.dev/job-name"
 SPEC_HASH_ANNOTATION = "rmjob.dev/spec-hash"  # everything but the safe runPolicy fields
 RUN_POLICY_ANNOTATION = "rmjob.dev/run-policy"  # the safe runPolicy fields last applied
 PYTORCHJOB_API = ("kubeflow.org/v1", "pytorchjobs")
+WORKLOAD_RESOURCES = (("batch", "jobs"), ("kubeflow.org", "pytorchjobs"))  # (group, plural)
 
 # Between retries of a child whose name a deleted job's child still holds.
 STALE_CHILD_RETRY_SECONDS = 5.0
@@ -73,6 +74,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.lastHandledSpec")
     settings.peering.priority = peering_priority()  # read by kopf at every peering keep-alive
+    # The handlers' labels= filter runs client-side; this selector makes the API server send
+    # only the workloads this operator labelled, not every Job in the cluster.
+    for group, plural in WORKLOAD_RESOURCES:
+        settings.watching.label_selectors[group, plural] = JOB_LABEL
     memo.kube = KubeApi()
     # Per-job locks: the workload watcher and the spec handlers both rewrite status.conditions.
     memo.status_locks = collections.defaultdict(asyncio.Lock)

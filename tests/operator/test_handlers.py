@@ -252,6 +252,19 @@ async def test_late_events_of_a_deleted_jobs_workload_do_not_reach_its_successor
     assert condition(rmj(cluster), "Succeeded") is None
 
 
+async def test_workloads_are_watched_with_a_server_side_label_selector(with_pytorchjob_crd: Cluster,
+                                                                       operator: asyncio.Task) -> None:
+    """Emulates what a real API server does with ``labelSelector`` on list and watch: only the
+    Jobs and PyTorchJobs the operator labelled reach it, not every Job in the cluster (KMock
+    ignores the parameter, so the requests themselves are checked)."""
+    cluster = with_pytorchjob_crd
+    await started(cluster, new_job(), PYTORCHJOBS)
+    for suffix in ("/jobs", "/pytorchjobs"):
+        reads = [r for r in cluster if r.method == kmock.method.GET and r.url.path.endswith(suffix)]
+        assert reads, suffix
+        assert {r.params.get("labelSelector") for r in reads} == {"rmjob.dev/job-name"}, suffix
+
+
 INVALID = [
     ("learning rate", {"trainer": {**new_job()["spec"]["trainer"], "learningRate": -1}}, "spec.trainer.learningRate"),
     ("unknown field", {"resources": {"nodes": 1, "gpuz": 2}}, "spec.resources.gpuz"),

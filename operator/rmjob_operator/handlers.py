@@ -109,12 +109,30 @@ def status_path(namespace: str, name: str) -> str:
     return object_path(API_VERSION, KIND, namespace, name) + "/status"
 
 
+def _hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def spec_hash(spec: RewardModelJobSpec) -> str:
-    """Hash of everything a started workload cannot change (the spec minus the safe runPolicy fields)."""
+    """Hash of what a started workload cannot change: the values that differ from their
+    defaults, minus the safe runPolicy fields.
+
+    Defaults are left out because a newer operator adds fields with defaults (a new trainer
+    flag reaches the CRD on the next ``make crd``) and the API server then fills them into
+    every existing job: a field its user never set must not count as an edit.
+    """
+    data = spec.model_dump(by_alias=True, mode="json", exclude_defaults=True)
+    run_policy = {k: v for k, v in data.pop("runPolicy", {}).items() if k not in SAFE_FIELDS}
+    return _hash({**data, "runPolicy": run_policy} if run_policy else data)
+
+
+def legacy_spec_hash(spec: RewardModelJobSpec) -> str:
+    """The hash that earlier operator builds wrote (the full dump, defaults included): their
+    workloads still carry it, and a safe edit of such a job must keep working after an upgrade."""
     data = spec.model_dump(by_alias=True, mode="json")
     for key in SAFE_FIELDS:
         data["runPolicy"].pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return _hash(data)
 
 
 def safe_values(spec: RewardModelJobSpec) -> dict:
@@ -411,7 +429,7 @@ async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, log
         spec = parse_spec(dict(body["spec"]))
     except InvalidSpec as err:
         spec, paths = None, [err.field]
-    if spec is None or spec_hash(spec) != annotations.get(SPEC_HASH_ANNOTATION):
+    if spec is None or annotations.get(SPEC_HASH_ANNOTATION) not in (spec_hash(spec), legacy_spec_hash(spec)):
         logger.warning("refusing spec change of %s", ", ".join(paths))
         await update_status(memo, namespace, name, lambda owner: refusal_patch(owner, paths))
         kopf.event(body, type="Warning", reason=cond.SPEC_CHANGE_REFUSED, message=f"refused: {', '.join(paths)}")

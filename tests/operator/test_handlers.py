@@ -9,12 +9,14 @@ import shutil
 import kmock
 import pytest
 import yaml
-
-from rmjob_operator import handlers
 from kmock_cluster import (
     CONFIGMAPS, JOBS, NAMESPACE, PYTORCHJOBS, REPO, RMJ, Cluster, api, collect_garbage, condition,
     crash_after_workload_created, new_job, phase_is, rmj, rmj_path, running_operator, wait_for,
 )
+from pydantic import Field, create_model
+
+from rmjob_operator import handlers, render
+from rmjob_operator import spec as spec_module
 
 EXAMPLES = REPO / "manifests" / "examples"
 
@@ -177,6 +179,48 @@ async def test_trainer_spec_change_of_a_started_job_is_refused(cluster: Cluster,
     await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused")["status"] == "False")
     assert cluster.get(JOBS, "rm-test")["spec"]["suspend"] is True  # re-sent with the revert
     assert rmj(cluster)["status"]["observedGeneration"] == 3
+
+
+def operator_with_a_new_trainer_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turn the running operator into its next version, whose RewardConfig has one more flag
+    (``futureFlag``, default 7) and so whose CRD has one more defaulted trainer field."""
+    trainer = create_model("TrainerSpecNext", __base__=spec_module.TrainerSpec,
+                           future_flag=(int, Field(default=7, description="A flag of the next version.")))
+    spec_next = create_model("RewardModelJobSpecNext", __base__=spec_module.RewardModelJobSpec,
+                             trainer=(trainer, Field(description="Trainer settings.")))
+
+    def parse_spec_next(spec: dict) -> spec_module.RewardModelJobSpec:
+        return spec_next.model_validate(spec)
+
+    monkeypatch.setattr(handlers, "parse_spec", parse_spec_next)
+    monkeypatch.setattr(render, "parse_spec", parse_spec_next)
+
+
+async def test_an_operator_upgrade_adding_a_trainer_flag_keeps_safe_edits_working(
+        cluster: Cluster, operator: asyncio.Task, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulates an upgrade of the operator and its CRD that adds a trainer flag with a default:
+    the API server then applies the new default when it reads an existing job (structural
+    defaulting on read), so the job's spec gains a field its user never set. A safe edit made
+    afterwards must still reach the workload. Also worth running against the real control
+    plane (apply an old job, upgrade the CRD, patch runPolicy.suspend)."""
+    await started(cluster, new_job(), JOBS)
+    operator_with_a_new_trainer_flag(monkeypatch)
+    trainer = {**new_job()["spec"]["trainer"], "futureFlag": 7}  # what the API server now returns
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"trainer": trainer, "runPolicy": {"suspend": True}}})
+    await wait_for(lambda: cluster.get(JOBS, "rm-test")["spec"]["suspend"] is True, message="suspend applied")
+    assert condition(rmj(cluster), "SpecChangeRefused") is None
+
+
+async def test_a_workload_of_an_earlier_operator_build_still_takes_safe_edits(cluster: Cluster,
+                                                                             operator: asyncio.Task) -> None:
+    """Workloads created before the spec hash left defaults out carry the full-dump hash."""
+    await started(cluster, new_job(), JOBS)
+    earlier = handlers.legacy_spec_hash(spec_module.parse_spec(new_job()["spec"]))
+    job_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/rm-test"
+    await api(cluster, "patch", job_path, {"metadata": {"annotations": {handlers.SPEC_HASH_ANNOTATION: earlier}}})
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"runPolicy": {"suspend": True}}})
+    await wait_for(lambda: cluster.get(JOBS, "rm-test")["spec"]["suspend"] is True, message="suspend applied")
+    assert condition(rmj(cluster), "SpecChangeRefused") is None
 
 
 async def test_delete_leaves_cleanup_to_the_garbage_collector(cluster: Cluster, operator: asyncio.Task) -> None:

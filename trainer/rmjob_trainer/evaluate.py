@@ -404,7 +404,7 @@ def score_benchmark(benchmark: Benchmark, rewards: list[tuple[list[float], list[
                 "count": sum(counts[s] for s in weights),
                 "weights": weights,
             }
-        mapped = {s for weights in _section_weights(section_map, counts, False).values() for s in weights}
+        mapped = {s for section in sections.values() for s in section["weights"]}
         result["sections"] = sections
         result["unmapped_subsets"] = sorted(set(subsets) - mapped)
     result["examples"] = examples

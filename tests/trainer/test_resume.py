@@ -57,3 +57,90 @@ def test_killed_run_resumes_to_the_same_final_metrics(tiny_model_dir, bundled_da
         assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key
     kept = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
     assert len(kept) == 2 and all(name.startswith("step_") for name in kept)  # no .tmp leftovers
+
+
+# --- what a checkpoint may be resumed by ------------------------------------------------------
+def _config(model_dir, dataset_dir, output_dir, **overrides):
+    from rmjob_trainer.config import RewardConfig
+
+    # 16 pairs in batches of 2: 8 steps; checkpoints at steps 3 and 6.
+    values = dict(dataset_mixer={str(dataset_dir): 1.0}, model_name_or_path=str(model_dir), sanity_check=True,
+                  sanity_check_max_samples=16, learning_rate=1e-3, per_device_train_batch_size=2,
+                  per_device_eval_batch_size=16, num_evals=1, checkpointing_steps=3, output_dir=str(output_dir),
+                  run_name="first")
+    return RewardConfig(**{**values, **overrides})
+
+
+def _log_steps(output_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in open(output_dir / "log.jsonl")]
+
+
+@pytest.fixture
+def killed_after_last_checkpoint(tiny_model_dir, bundled_dataset_dir, tmp_path):
+    """A finished 8-step run whose metrics.json is removed: as if killed after step_6 was saved."""
+    from rmjob_trainer.train import train
+
+    train(_config(tiny_model_dir, bundled_dataset_dir, tmp_path))
+    (tmp_path / "metrics.json").unlink()
+    return tmp_path
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"learning_rate": 2e-3}, "learning_rate 0.001 there, 0.002 now"),
+    ({"per_device_train_batch_size": 4}, "per_device_train_batch_size 2 there, 4 now"),
+    ({"lr_scheduler_type": "cosine", "seed": 2}, 'seed 1 there, 2 now; lr_scheduler_type "linear" there, "cosine" now'),
+    ({"total_episodes": 24}, "total_episodes 16 there, 24 now"),
+])
+def test_resume_with_other_optimization_settings_is_refused(
+        change, named, killed_after_last_checkpoint, tiny_model_dir, bundled_dataset_dir):
+    from rmjob_trainer import ConfigError
+    from rmjob_trainer.train import train
+
+    output_dir = killed_after_last_checkpoint
+    log_before = (output_dir / "log.jsonl").read_text()
+    cfg = _config(tiny_model_dir, bundled_dataset_dir, output_dir, **change)
+    with pytest.raises(ConfigError, match=r"^cannot resume from .*step_6: it was trained with other settings") as error:
+        train(cfg)
+    assert named in str(error.value) and "\n" not in str(error.value)
+    assert (output_dir / "log.jsonl").read_text() == log_before and not (output_dir / "metrics.json").exists()
+
+
+def test_checkpoint_without_recorded_settings_is_refused(killed_after_last_checkpoint, tiny_model_dir,
+                                                         bundled_dataset_dir):
+    from rmjob_trainer import ConfigError
+    from rmjob_trainer.train import train
+
+    state_file = killed_after_last_checkpoint / "checkpoints/step_6/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["settings"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"does not record the settings it was trained with"):
+        train(_config(tiny_model_dir, bundled_dataset_dir, killed_after_last_checkpoint))
+
+
+def test_finished_model_is_not_replaced_by_resuming_an_older_checkpoint(tiny_model_dir, bundled_dataset_dir,
+                                                                       tmp_path):
+    from rmjob_trainer import ConfigError
+    from rmjob_trainer.train import train
+
+    cfg = _config(tiny_model_dir, bundled_dataset_dir, tmp_path)
+    finished = train(cfg)
+    model = (tmp_path / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds this run's finished model"):
+        train(cfg)
+    assert (tmp_path / "model.safetensors").read_bytes() == model
+    assert json.loads((tmp_path / "metrics.json").read_text()) == finished
+
+
+def test_one_log_per_run(killed_after_last_checkpoint, tiny_model_dir, bundled_dataset_dir):
+    """A resumed run keeps its log up to the checkpoint and logs each later step once; a new run
+    in the same output_dir starts a new log."""
+    from rmjob_trainer.train import train
+
+    output_dir = killed_after_last_checkpoint
+    resumed = train(_config(tiny_model_dir, bundled_dataset_dir, output_dir))
+    assert resumed["run_name"] == "first" and _log_steps(output_dir) == list(range(1, 9))
+
+    train(_config(tiny_model_dir, bundled_dataset_dir, output_dir, resume=False, run_name="second",
+                  checkpointing_steps=None))
+    assert _log_steps(output_dir) == list(range(1, 9))

@@ -429,11 +429,9 @@ def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None]:
         "num_proc": processor.num_proc,
         "max_rows_per_source": cfg.sanity_check_max_samples if cfg.sanity_check else None,
     }
-    evaluating = cfg.num_evals > 0
-    eval_sources = eval_mixer(cfg) if evaluating else None  # checked before any loading
     dataset = DatasetDict({"train": load_mixture(cfg.dataset_mixer, cfg.dataset_train_splits, **options)})
-    if evaluating:
-        dataset["eval"] = load_mixture(eval_sources, cfg.dataset_eval_splits, **options)
+    if cfg.num_evals > 0:
+        dataset["eval"] = load_mixture(eval_mixer(cfg), cfg.dataset_eval_splits, **options)
     processor.sanity_check_(dataset)
     tokenized = processor.tokenize(dataset)
     filtered = processor.filter(tokenized)

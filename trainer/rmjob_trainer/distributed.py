@@ -21,6 +21,7 @@ whose ``deepspeed_config`` section is mapped below) or, when absent, by the env 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -178,10 +179,30 @@ def _fill_auto(config: dict, key: str, value) -> None:
         config[key] = value
 
 
+def _set_batch_sizes(config: dict, cfg: RewardConfig, world_size: int, config_file: str | None) -> None:
+    """The trainer's batch sizes into ``config``. A DeepSpeed JSON may leave them out, say
+    ``"auto"`` or repeat the same values; different values are refused, since DeepSpeed would
+    then step the optimizer on its own schedule while the trainer counts and logs its own."""
+    micro, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    wanted = {
+        "train_micro_batch_size_per_gpu": (micro, f"--per_device_train_batch_size {micro}"),
+        "gradient_accumulation_steps": (accumulation, f"--gradient_accumulation_steps {accumulation}"),
+        "train_batch_size": (micro * accumulation * world_size,
+                             f"{micro} x {accumulation} x {world_size} process(es)"),
+    }
+    conflicts = [f"{key} {config[key]} (the trainer's: {why})" for key, (value, why) in wanted.items()
+                 if config.get(key, "auto") not in ("auto", value)]
+    if conflicts:
+        raise ConfigError(f"DeepSpeed config {config_file}: {'; '.join(conflicts)}; batch sizes come from the "
+                          'trainer\'s flags: set these keys to "auto", drop them, or make them agree')
+    config.update({key: value for key, (value, _) in wanted.items()})
+
+
 def build_deepspeed_config(settings: dict, cfg: RewardConfig, world_size: int,
                            precision: torch.dtype | None) -> dict:
     """The dict given to ``deepspeed.initialize``: batch sizes and precision always come from
-    the trainer's flags (a JSON's ``"auto"`` values are filled the same way)."""
+    the trainer's flags (a JSON's ``"auto"`` values are filled the same way, and explicit batch
+    sizes that disagree with the flags are a ``ConfigError``)."""
     if "config_file" in settings:
         config = json.loads(Path(settings["config_file"]).read_text())
     else:
@@ -195,10 +216,7 @@ def build_deepspeed_config(settings: dict, cfg: RewardConfig, world_size: int,
         config = {"zero_optimization": zero}
         if settings["gradient_clipping"] not in (None, "none"):
             config["gradient_clipping"] = float(settings["gradient_clipping"])
-    _fill_auto(config, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size)
-    _fill_auto(config, "gradient_accumulation_steps", cfg.gradient_accumulation_steps)
-    _fill_auto(config, "train_batch_size",
-               cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size)
+    _set_batch_sizes(config, cfg, world_size, settings.get("config_file"))
     # DeepSpeed clips at 1.0 unless told otherwise; the DDP path (and open-instruct) does not clip.
     _fill_auto(config, "gradient_clipping", 0.0)
     config["bf16"] = {**config.get("bf16", {}), "enabled": precision == torch.bfloat16}
@@ -281,14 +299,20 @@ class DDPEngine:
             self.hf_model.save_pretrained(output_dir)
 
     def close(self) -> None:
-        """Nothing to release: DDP's reducer goes with the process group."""
+        """Free the DDP wrapper, and with it its Reducer, while the process group still exists.
+        A Reducer freed later (when ``train()`` returns) joins a gloo worker thread that waits
+        for the GIL its destructor holds: the rank never exits. Collected here, not left to
+        reference counting, in case the wrapper sits in a reference cycle."""
+        self.wrapped = self.module
+        gc.collect()
 
 
 class DeepSpeedEngine:
     """ZeRO-2/3 through ``deepspeed.initialize``; DeepSpeed owns precision, accumulation
     boundaries, gradient clipping and the scheduler's stepping."""
 
-    def __init__(self, cfg: RewardConfig, tokenizer, d: Dist, num_training_steps: int, settings: dict):
+    def __init__(self, cfg: RewardConfig, tokenizer, d: Dist, num_training_steps: int, settings: dict,
+                 config: dict):
         import deepspeed
         import deepspeed.ops
         from transformers.integrations import HfDeepSpeedConfig
@@ -299,8 +323,6 @@ class DeepSpeedEngine:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts our process group
-        self.precision = resolve_precision(cfg, d.device)
-        config = build_deepspeed_config(settings, cfg, d.world_size, self.precision)
         self.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
         # While this object lives, from_pretrained loads ZeRO-3 weights already partitioned
         # (accelerate's zero3_init_flag); it must outlive the call, hence the attribute.
@@ -357,7 +379,14 @@ class DeepSpeedEngine:
 
 
 def build_engine(cfg: RewardConfig, tokenizer, d: Dist, num_training_steps: int,
-                 ds_settings: dict | None):
+                 ds_settings: dict | None, ds_config: dict | None):
     if ds_settings is None:
         return DDPEngine(cfg, tokenizer, d, num_training_steps)
-    return DeepSpeedEngine(cfg, tokenizer, d, num_training_steps, ds_settings)
+    return DeepSpeedEngine(cfg, tokenizer, d, num_training_steps, ds_settings, ds_config)
+
+
+def engine_kind(ds_config: dict | None) -> str:
+    """What writes (and can read back) a checkpoint: ``ddp`` or ``deepspeed-zero<stage>``."""
+    if ds_config is None:
+        return "ddp"
+    return f"deepspeed-zero{ds_config.get('zero_optimization', {}).get('stage', 0)}"

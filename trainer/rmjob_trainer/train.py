@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rmjob_trainer import DataError
+from rmjob_trainer import ConfigError, DataError
 from rmjob_trainer.config import RewardConfig
-from rmjob_trainer.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, build_engine,
-                                       deepspeed_settings, init_distributed, leave_distributed,
-                                       main_process_first)
+from rmjob_trainer.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, build_deepspeed_config,
+                                       build_engine, deepspeed_settings, engine_kind, init_distributed,
+                                       leave_distributed, main_process_first, resolve_precision)
 from rmjob_trainer.model import load_tokenizer
 
 CHOSEN, REJECTED = "input_ids_chosen", "input_ids_rejected"
@@ -172,30 +172,76 @@ def save_checkpoint(engine, output_dir: Path, step: int, trainer_state: dict, d:
     barrier()
 
 
-def load_checkpoint(engine, path: Path, d: Dist, expected_order: dict) -> dict:
-    state = json.loads((path / "trainer_state.json").read_text())
-    saved = {k: state["data_order"][k] for k in ("seed", "dataset_size")}
-    if saved != {k: expected_order[k] for k in saved}:
-        raise DataError(f"cannot resume from {path}: it was trained with data order {saved}, this run "
-                        f"has {expected_order}; use another output_dir or --resume false")
+# The flags that decide a run's optimization: the model, the training rows and their tokens, the
+# batches, the optimizer and its schedule (optimization_settings adds the values derived from them).
+_OPTIMIZATION_FLAGS = ("model_name_or_path", "model_revision", "dataset_mixer", "dataset_train_splits",
+                       "chat_template", "max_token_length", "max_prompt_token_length", "seed",
+                       "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                       "lr_scheduler_type", "warm_up_steps", "eps", "weight_decay", "mixed_precision")
+
+
+def optimization_settings(cfg: RewardConfig, world_size: int, train_pairs: int, total_episodes: int,
+                          engine: str) -> dict:
+    """Recorded in every checkpoint; a run resumes from a checkpoint only with the same values,
+    or it would continue another run's optimizer state, schedule and data order. JSON values,
+    as they are stored."""
+    settings = {**{flag: getattr(cfg, flag) for flag in _OPTIMIZATION_FLAGS}, "total_episodes": total_episodes,
+                "processes": world_size, "train_pairs": train_pairs, "engine": engine}
+    return json.loads(json.dumps(settings))
+
+
+def resumable_state(checkpoint: Path, output_dir: Path, settings: dict) -> dict:
+    """The checkpoint's trainer state, when this run may continue from it; else a ConfigError
+    naming what differs. A finished model in ``output_dir`` is never overwritten by a run
+    continued from an older checkpoint."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state.get("settings")
+    if saved is None:
+        raise ConfigError(f"cannot resume from {checkpoint}: it does not record the settings it was trained "
+                          "with (written by an older rmjob); use another --output_dir or --resume false")
+    differences = [f"{key} {json.dumps(saved.get(key))} there, {json.dumps(value)} now"
+                   for key, value in settings.items() if saved.get(key) != value]
+    if differences:
+        raise ConfigError(f"cannot resume from {checkpoint}: it was trained with other settings "
+                          f"({'; '.join(differences)}); rerun with its settings, use another --output_dir, "
+                          "or --resume false")
+    if (output_dir / "metrics.json").exists():
+        raise ConfigError(f"{output_dir} already holds this run's finished model (metrics.json); resuming from "
+                          f"{checkpoint} would replace it: use another --output_dir, or --resume false to train "
+                          "again")
+    return state
+
+
+def load_checkpoint(engine, path: Path, d: Dist) -> None:
     engine.load_checkpoint(path)
     _set_rng_state(torch.load(path / f"rng_rank{d.rank}.pt", weights_only=False))
-    return state
 
 
 # --- outputs --------------------------------------------------------------------------------
 class RunLog:
     """Rank 0's sinks: console, ``output_dir/log.jsonl``, W&B (tracking) and the job's status."""
 
-    def __init__(self, cfg: RewardConfig, run_name: str, output_dir: Path, total_steps: int):
+    def __init__(self, cfg: RewardConfig, run_name: str, output_dir: Path, total_steps: int,
+                 resumed_step: int | None):
         from rmjob_trainer.status import StatusReporter
         from rmjob_trainer.tracking import start_run
 
         self.tracker = start_run(cfg, run_name)
         self.reporter = StatusReporter.from_env()
         self.file = output_dir / "log.jsonl"
+        self._start_log(resumed_step)
         self.total_steps = total_steps
         self.eval: dict = {}
+
+    def _start_log(self, resumed_step: int | None) -> None:
+        """One log per run: a new run starts ``log.jsonl`` empty; a resumed one keeps its lines up
+        to the checkpoint's step, since the steps after it run (and are logged) again. A line cut
+        short by a kill has no newline and is dropped."""
+        kept = []
+        if resumed_step is not None and self.file.exists():
+            kept = [line for line in self.file.read_text().splitlines(keepends=True)
+                    if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
+        self.file.write_text("".join(kept))
 
     def log_dataset(self, cfg: RewardConfig, tokenizer, train_dataset, eval_dataset, output_dir: Path) -> None:
         """A tokenized example on the console; with tracking, the token-length histograms."""
@@ -257,6 +303,9 @@ def train(cfg: RewardConfig) -> dict:
 
     ds_settings = deepspeed_settings(cfg)
     d = init_distributed(need_process_group=ds_settings is not None)
+    # Built (and its batch sizes checked) before any data is loaded.
+    ds_config = (build_deepspeed_config(ds_settings, cfg, d.world_size, resolve_precision(cfg, d.device))
+                 if ds_settings is not None else None)
     output_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg)
     with main_process_first(d):
@@ -273,16 +322,19 @@ def train(cfg: RewardConfig) -> dict:
     if eval_dataset is None or len(eval_dataset) == 0:
         eval_steps = set()
     order = DataOrder(len(train_dataset), cfg.seed, batch_size, d.world_size, micro_batch_size)
-
-    torch.manual_seed(cfg.seed)  # identical model init on every rank
-    engine = build_engine(cfg, tokenizer, d, num_training_steps, ds_settings)
-    local_seed = cfg.seed + d.rank
-    random.seed(local_seed), np.random.seed(local_seed), torch.manual_seed(local_seed)
+    settings = optimization_settings(cfg, d.world_size, len(train_dataset), total_episodes, engine_kind(ds_config))
 
     checkpoint = latest_checkpoint(output_dir) if cfg.resume else None
     checkpoint = broadcast_object(checkpoint)  # every rank resumes from the same one
-    if checkpoint:
-        resumed = load_checkpoint(engine, checkpoint, d, order.state(0))
+    resumed = resumable_state(checkpoint, output_dir, settings) if checkpoint else None
+
+    torch.manual_seed(cfg.seed)  # identical model init on every rank
+    engine = build_engine(cfg, tokenizer, d, num_training_steps, ds_settings, ds_config)
+    local_seed = cfg.seed + d.rank
+    random.seed(local_seed), np.random.seed(local_seed), torch.manual_seed(local_seed)
+
+    if resumed:
+        load_checkpoint(engine, checkpoint, d)
         start_step, run_name = resumed["step"], resumed["run_name"]
     else:
         start_step = 0
@@ -290,9 +342,13 @@ def train(cfg: RewardConfig) -> dict:
     run_log = None
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if not resumed:
+            # A new run replaces whatever finished in output_dir before: no old metrics.json next
+            # to a model in the making.
+            (output_dir / "metrics.json").unlink(missing_ok=True)
         print(f"run {run_name}: {num_training_steps} steps of {batch_size} pairs on {d.world_size} process(es)"
               + (f", resuming from {checkpoint}" if checkpoint else ""))
-        run_log = RunLog(cfg, run_name, output_dir, num_training_steps)
+        run_log = RunLog(cfg, run_name, output_dir, num_training_steps, start_step if resumed else None)
         run_log.log_dataset(cfg, tokenizer, train_dataset, eval_dataset, output_dir)
 
     metrics: dict = {}
@@ -321,7 +377,8 @@ def train(cfg: RewardConfig) -> dict:
         if d.is_main:
             run_log.log(step + 1, metrics)
         if cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < num_training_steps:
-            trainer_state = {"step": step + 1, "run_name": run_name, "data_order": order.state(step + 1)}
+            trainer_state = {"step": step + 1, "run_name": run_name, "settings": settings,
+                             "data_order": order.state(step + 1)}
             save_checkpoint(engine, output_dir, step + 1, trainer_state, d, cfg.checkpoints_total_limit)
 
     final = {"run_name": run_name, "step": num_training_steps, **metrics}  # the last step evaluated

@@ -216,14 +216,18 @@ async def _holder_stays(kube: KubeApi, existing: dict) -> bool:
 async def create_child(kube: KubeApi, child: dict, owner: dict, logger: logging.Logger) -> None:
     """Create ``child``; an existing one of ours is success (a retried create or a restart).
 
-    Raises :class:`ChildNameReleasing` while the name belongs to an object on its way out, and
-    :class:`ChildNameTaken` when it belongs to one that stays.
+    Raises :class:`ChildNameReleasing` while the name belongs to an object on its way out,
+    :class:`ChildNameTaken` when it belongs to one that stays, and :class:`InvalidSpec` when
+    the API server refuses the child as invalid (422): what the spec passes through to the pod
+    (volumes, env, tolerations, ...) is only fully validated there, and retrying cannot help.
     """
     kind, name = child["kind"], child["metadata"]["name"]
     try:
         await kube.create(child)
         logger.info("created %s %s", kind, name)
     except ApiError as e:
+        if e.status == 422:
+            raise InvalidSpec("spec.resources", f"the API server refused {kind} {name}: {e.message}") from None
         if e.status != 409:
             raise
         existing = await kube.get(path_of(child))
@@ -338,6 +342,9 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **
             logger.warning("%s", err)
             await update_status(memo, namespace, name, lambda owner: name_taken_patch(owner, str(err)),
                                 uid=meta["uid"])
+            return
+        except InvalidSpec as err:
+            await reject(memo, body, err, logger)
             return
         await update_status(memo, namespace, name, lambda owner: created_patch(owner, spec, workload_ref))
 

@@ -27,7 +27,9 @@ from rmjob_operator import API_VERSION, GROUP, PLURAL
 from rmjob_operator.spec import (
     CONFIG_MOUNT_PATH,
     DEEPSPEED_CONFIG_FILE,
+    OPERATOR_VOLUME_PREFIX,
     OUTPUT_MOUNT_PATH,
+    SHM_MOUNT_PATH,
     TRAINER_CONFIG_FILE,
     RewardModelJobSpec,
     check_name,
@@ -202,16 +204,18 @@ def _volumes(body: dict[str, Any], spec: RewardModelJobSpec) -> tuple[list[dict]
     user_volumes = [v.model_dump(by_alias=True, exclude_none=True) for v in spec.resources.volumes]
     user_mounts = [m.model_dump(by_alias=True, exclude_none=True) for m in spec.resources.volume_mounts]
     user_paths = {m["mountPath"].rstrip("/") for m in user_mounts}
+    config, shm = f"{OPERATOR_VOLUME_PREFIX}config", f"{OPERATOR_VOLUME_PREFIX}shm"
     volumes = [
-        {"name": "rmjob-config", "configMap": {"name": config_map_name(name)}},
+        {"name": config, "configMap": {"name": config_map_name(name)}},
         # NCCL and the data loaders need more shared memory than the container runtime's 64 MiB.
-        {"name": "rmjob-shm", "emptyDir": {"medium": "Memory"}},
+        {"name": shm, "emptyDir": {"medium": "Memory"}},
     ]
     mounts = [
-        {"name": "rmjob-config", "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
-        {"name": "rmjob-shm", "mountPath": "/dev/shm"},
+        {"name": config, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
+        {"name": shm, "mountPath": SHM_MOUNT_PATH},
     ]
-    for volume, path in (("rmjob-cache", CACHE_MOUNT_PATH), ("rmjob-output", OUTPUT_MOUNT_PATH)):
+    for volume, path in ((f"{OPERATOR_VOLUME_PREFIX}cache", CACHE_MOUNT_PATH),
+                         (f"{OPERATOR_VOLUME_PREFIX}output", OUTPUT_MOUNT_PATH)):
         if path not in user_paths:
             volumes.append({"name": volume, "emptyDir": {}})
             mounts.append({"name": volume, "mountPath": path})

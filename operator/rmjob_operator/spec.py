@@ -48,6 +48,11 @@ CONFIG_MOUNT_PATH = "/etc/rmjob"
 TRAINER_CONFIG_FILE = "trainer.yaml"
 DEEPSPEED_CONFIG_FILE = "deepspeed.json"
 OUTPUT_MOUNT_PATH = "/output"
+SHM_MOUNT_PATH = "/dev/shm"
+# The operator's own volumes are named with this prefix; user volumes may not be.
+OPERATOR_VOLUME_PREFIX = "rmjob-"
+# Bounds for CEL's cost estimator on the pass-through lists the rules compare pairwise.
+MAX_VOLUMES = 64
 
 # Children and pod host names are derived from the job name ("NAME-trainer", "NAME-0.NAME",
 # "NAME-worker-12"), and the Job backend's headless Service needs a DNS-1035 label.
@@ -189,6 +194,15 @@ class EnvVar(_Model):
         default=None, description="Source of the value (secretKeyRef, configMapKeyRef, fieldRef, ...)."
     )
 
+    rules = (
+        Rule(
+            "valueFrom",
+            "set value or valueFrom, not both",
+            "!has(self.value) || !has(self.valueFrom)",
+            lambda e: e.value is None or e.value_from is None,
+        ),
+    )
+
 
 class Volume(_OpenModel):
     name: str = Field(min_length=1, description="Volume name, referenced by volumeMounts.")
@@ -274,6 +288,10 @@ def _trainer_field(f: dataclasses.Field, tp: Any) -> tuple[Any, Any]:
         extra = {"default": f.default_factory()}
         return tp, Field(default_factory=f.default_factory, json_schema_extra=extra, **constraints)
     return tp, Field(default=f.default, **constraints)
+
+
+def _unique(values: list[str]) -> bool:
+    return len(values) == len(set(values))
 
 
 def _is_mixer(mixer: dict[str, float] | None) -> bool:
@@ -372,9 +390,12 @@ class ResourcesSpec(_Model):
         max_length=256,
         description="Extra environment variables of the trainer container.",
     )
-    volumes: list[Volume] = Field(default_factory=list, description="Extra pod volumes (e.g. a PVC for outputs).")
+    volumes: list[Volume] = Field(
+        default_factory=list, max_length=MAX_VOLUMES, description="Extra pod volumes (e.g. a PVC for outputs)."
+    )
     volume_mounts: list[VolumeMount] = Field(
         default_factory=list,
+        max_length=MAX_VOLUMES,
         description=f"Mounts of those volumes. Mount a persistent volume at {OUTPUT_MOUNT_PATH} to keep "
         "the model and checkpoints (default: an emptyDir).",
     )
@@ -395,6 +416,32 @@ class ResourcesSpec(_Model):
                 e.name not in ("HF_TOKEN", "WANDB_API_KEY") and not e.name.startswith(("PET_", "RMJOB_"))
                 for e in r.env
             ),
+        ),
+        # What the API server would refuse in the pod template, where a 422 comes too late.
+        Rule(
+            "volumes",
+            f"volume names must be unique and not start with '{OPERATOR_VOLUME_PREFIX}' (the operator's volumes)",
+            f"!has(self.volumes) || self.volumes.all(v, !v.name.startsWith('{OPERATOR_VOLUME_PREFIX}') && "
+            "self.volumes.exists_one(w, w.name == v.name))",
+            lambda r: _unique([v.name for v in r.volumes])
+            and not any(v.name.startswith(OPERATOR_VOLUME_PREFIX) for v in r.volumes),
+        ),
+        Rule(
+            "volumeMounts",
+            f"each mountPath may be used once, and not at {CONFIG_MOUNT_PATH} or {SHM_MOUNT_PATH} "
+            "(the operator's mounts)",
+            "!has(self.volumeMounts) || self.volumeMounts.all(m, "
+            f"!(m.mountPath in ['{CONFIG_MOUNT_PATH}', '{SHM_MOUNT_PATH}']) && "
+            "self.volumeMounts.exists_one(n, n.mountPath == m.mountPath))",
+            lambda r: _unique([m.mount_path for m in r.volume_mounts])
+            and not any(m.mount_path in (CONFIG_MOUNT_PATH, SHM_MOUNT_PATH) for m in r.volume_mounts),
+        ),
+        Rule(
+            "volumeMounts",
+            "each volumeMount must name a volume of volumes",
+            "!has(self.volumeMounts) || self.volumeMounts.all(m, "
+            "has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
+            lambda r: {m.name for m in r.volume_mounts} <= {v.name for v in r.volumes},
         ),
     )
 

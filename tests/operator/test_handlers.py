@@ -6,13 +6,15 @@ import asyncio
 import pathlib
 import shutil
 
+import attrs
 import kmock
 import pytest
 import yaml
 from kmock_cluster import (
     CONFIGMAPS, JOBS, NAMESPACE, PYTORCHJOBS, REPO, RMJ, Cluster, api, collect_garbage, condition,
-    crash_after_workload_created, new_job, phase_is, rmj, rmj_path, running_operator, wait_for,
+    crash_after_workload_created, emulated_cluster, new_job, phase_is, rmj, rmj_path, running_operator, wait_for,
 )
+from kmock._internal.k8s import KubernetesError
 from pydantic import Field, create_model
 
 from rmjob_operator import handlers, render
@@ -338,6 +340,51 @@ async def test_invalid_specs_fail_once_without_crashing_or_looping(cluster: Clus
     await wait_for(phase_is(cluster, "Pending", "bad-2"))
     assert condition(rmj(cluster, "bad-2"), "InvalidSpec")["status"] == "False"
     assert cluster.get(JOBS, "bad-2") is not None
+
+
+class PodTemplateValidatingCluster(Cluster):
+    """Answers a Job whose pod template has a PersistentVolumeClaim volume without claimName
+    with the 422 the API server's pod-template validation gives (ValidatePodTemplateSpec)."""
+
+    async def _handle(self, request: kmock.Request):
+        data = request.data
+        if request.action == kmock.action.CREATE and isinstance(data, dict) and data.get("kind") == "Job":
+            for i, volume in enumerate(data["spec"]["template"]["spec"].get("volumes", [])):
+                if "persistentVolumeClaim" in volume and "claimName" not in volume["persistentVolumeClaim"]:
+                    field = f"spec.template.spec.volumes[{i}].persistentVolumeClaim.claimName"
+                    raise Unprocessable(
+                        message=f'Job.batch "{data["metadata"]["name"]}" is invalid: {field}: Required value')
+        return await super()._handle(request)
+
+
+@attrs.frozen(kw_only=True)
+class Unprocessable(KubernetesError):
+    status: int = 422
+    reason: str = "Invalid"
+    message: str
+
+
+async def test_a_child_the_api_server_refuses_fails_the_job_once(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: pathlib.Path) -> None:
+    """Emulates the API server refusing an invalid pass-through pod field with 422 (what
+    parse_spec cannot check: the contents of a volume source). Also worth running against the
+    real control plane (a job with ``persistentVolumeClaim: {}``)."""
+    async with emulated_cluster(PodTemplateValidatingCluster, monkeypatch, tmp_path) as cluster, running_operator():
+        broken = new_job(resources={"nodes": 1, "gpusPerNode": 1,
+                                    "volumes": [{"name": "data", "persistentVolumeClaim": {}}],
+                                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]})
+        await api(cluster, "post", rmj_path(), broken)
+        await wait_for(phase_is(cluster, "Failed"), message="Failed")
+        invalid = condition(rmj(cluster), "InvalidSpec")
+        assert invalid["status"] == "True"
+        assert invalid["message"].startswith("spec.resources: the API server refused Job rm-test: ")
+        assert "persistentVolumeClaim.claimName: Required value" in invalid["message"]
+        await wait_for(lambda: rmj(cluster)["status"].get("kopf", {}).get("lastHandledSpec"))
+        await wait_for(lambda: cluster.events_for("rm-test"), message="an event")
+        writes = [r for r in cluster if r.method != kmock.method.GET]
+        await asyncio.sleep(1.0)
+        assert [r for r in cluster if r.method != kmock.method.GET] == writes  # settled: no retry loop
+        assert [e["reason"] for e in cluster.events_for("rm-test")] == ["Failed"]
 
 
 def example_jobs() -> list[dict]:

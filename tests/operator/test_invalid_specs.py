@@ -111,6 +111,27 @@ INVALID = {
     "HF token as a plain env value": (
         with_changes(MINIMAL, resources={"env": [{"name": "HF_TOKEN", "value": "hf_xxx"}]}), "spec.resources.env"),
     "env var without name": (with_changes(MINIMAL, resources={"env": [{"value": "x"}]}), "spec.resources.env[0].name"),
+    "env var with value and valueFrom": (
+        with_changes(MINIMAL, resources={"env": [{"name": "A", "value": "x", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.name"}}}]}), "spec.resources.env[0].valueFrom"),
+    "volume named like the operator's": (
+        with_changes(MINIMAL, resources={"volumes": [{"name": "rmjob-config", "emptyDir": {}}]}),
+        "spec.resources.volumes"),
+    "two volumes of one name": (
+        with_changes(MINIMAL, resources={"volumes": [{"name": "a", "emptyDir": {}}, {"name": "a", "emptyDir": {}}]}),
+        "spec.resources.volumes"),
+    "duplicate mountPath": (
+        with_changes(MINIMAL, resources={"volumes": [{"name": "a", "emptyDir": {}}, {"name": "b", "emptyDir": {}}],
+                                         "volumeMounts": [{"name": "a", "mountPath": "/data"},
+                                                          {"name": "b", "mountPath": "/data"}]}),
+        "spec.resources.volumeMounts"),
+    "mount over the operator's config": (
+        with_changes(MINIMAL, resources={"volumes": [{"name": "a", "emptyDir": {}}],
+                                         "volumeMounts": [{"name": "a", "mountPath": "/etc/rmjob"}]}),
+        "spec.resources.volumeMounts"),
+    "mount of a volume that is not there": (
+        with_changes(MINIMAL, resources={"volumeMounts": [{"name": "a", "mountPath": "/data"}]}),
+        "spec.resources.volumeMounts"),
     "unknown deepspeed stage": (with_changes(MINIMAL, deepspeed={"stage": 1}), "spec.deepspeed.stage"),
     "offloadParams with stage 2": (with_changes(MINIMAL, deepspeed={"stage": 2, "offloadParams": True}),
                                    "spec.deepspeed.offloadParams"),

@@ -55,14 +55,21 @@ def pytorchjob_state(status: dict) -> WorkloadState:
 
 
 def job_state(status: dict) -> WorkloadState:
-    """batch/v1 Job: conditions Complete / Failed / Suspended, else the active pod count."""
+    """batch/v1 Job: conditions Complete / Failed / Suspended, else the ready pod count.
+
+    ``active`` counts pods that are not finished, unschedulable and still-pulling ones
+    included; only ``ready`` pods are training.
+    """
     true = _true_conditions(status)
     for kind_type, phase in (("Complete", SUCCEEDED), ("Failed", FAILED), ("Suspended", SUSPENDED)):
         if kind_type in true:
             cond = true[kind_type]
             return WorkloadState(phase, cond.get("reason") or f"Job{kind_type}", cond.get("message") or "")
+    if status.get("ready"):
+        return WorkloadState(RUNNING, "PodsReady", f"{status['ready']} pod(s) ready")
     if status.get("active"):
-        return WorkloadState(RUNNING, "PodsActive", f"{status['active']} pod(s) active")
+        return WorkloadState(PENDING, "PodsNotReady",
+                             f"{status['active']} pod(s) created, none ready yet (scheduling or starting)")
     return WorkloadState(PENDING, "JobCreated", "waiting for the Job's pods")
 
 

@@ -279,7 +279,10 @@ def created_patch(owner: dict, spec: RewardModelJobSpec, workload_ref: dict) -> 
                      "worldSize": spec.world_size},
         "conditions": conditions,
     }
-    if not status.get("workload"):  # first creation, after a wait, or a fixed invalid spec
+    # First creation, after a wait, or a fixed invalid spec; unless the workload watcher got
+    # there first (a workload that fails at once), whose phase must not go back to Pending.
+    reported = any(c["type"] in cond.PHASE_CONDITIONS and c["status"] == "True" for c in conditions)
+    if not status.get("workload") and not reported:
         patch.update(phase=cond.PENDING, message=message)
     return patch
 
@@ -303,7 +306,9 @@ async def reject(memo: kopf.Memo, body: kopf.Body, err: InvalidSpec, logger: log
     logger.warning("invalid spec: %s", err)
     meta = body["metadata"]
     patch = await update_status(memo, meta["namespace"], meta["name"], lambda owner: invalid_spec_patch(owner, err))
-    if not patch.get("phase"):  # already Failed: the phase event did not fire
+    # Already Failed for another reason: the phase event did not fire. Nothing changed (the
+    # same invalid spec seen again on an operator restart): it was reported already.
+    if patch and not patch.get("phase"):
         kopf.event(body, type="Warning", reason=cond.INVALID_SPEC, message=str(err))
 
 

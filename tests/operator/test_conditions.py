@@ -30,7 +30,8 @@ def test_pytorchjob_state(status: dict, phase: str) -> None:
 @pytest.mark.parametrize(("status", "phase"), [
     (None, "Pending"),
     ({"active": 0}, "Pending"),
-    ({"active": 3}, "Running"),
+    ({"active": 3, "ready": 0}, "Pending"),  # created, but unschedulable or still starting
+    ({"active": 3, "ready": 3}, "Running"),
     (kf("Suspended"), "Suspended"),
     ({"active": 1, **kf("Complete")}, "Succeeded"),
     (kf("Failed"), "Failed"),
@@ -54,8 +55,8 @@ def owner(phase: str | None = None, conditions: list | None = None, **run_policy
 
 
 def test_running_then_succeeded() -> None:
-    running = cond.workload_status_patch(owner("Pending"), "Job", {"active": 2}, T0)
-    assert running["phase"] == "Running" and running["message"] == "2 pod(s) active"
+    running = cond.workload_status_patch(owner("Pending"), "Job", {"active": 2, "ready": 2}, T0)
+    assert running["phase"] == "Running" and running["message"] == "2 pod(s) ready"
     assert running["conditions"][0]["observedGeneration"] == 3
     done = cond.workload_status_patch(owner("Running", running["conditions"]), "Job", kf("Complete"), T1)
     assert done["phase"] == "Succeeded" and done["completionTime"] == T1

@@ -17,6 +17,7 @@ from kmock_cluster import (
 from kmock._internal.k8s import KubernetesError
 from pydantic import Field, create_model
 
+from rmjob_operator import conditions as cond_module
 from rmjob_operator import handlers, render
 from rmjob_operator import spec as spec_module
 
@@ -95,17 +96,17 @@ async def test_pytorchjob_progress_drives_phase_conditions_and_events(with_pytor
 async def test_job_failure_is_reported_with_the_job_controllers_reason(cluster: Cluster,
                                                                        operator: asyncio.Task) -> None:
     await started(cluster, new_job(), JOBS)
-    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 2}})
+    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 2, "ready": 2}})
     await wait_for(phase_is(cluster, "Running"))
     failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
               "message": "Job has reached the specified backoff limit"}
-    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 0, "failed": 1, "conditions": [failed]}})
+    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 0, "ready": 0, "failed": 1, "conditions": [failed]}})
     await wait_for(phase_is(cluster, "Failed"))
     assert condition(rmj(cluster), "Failed")["reason"] == "BackoffLimitExceeded"
     await wait_for(lambda: any(e["type"] == "Warning" and e["reason"] == "Failed"
                                for e in cluster.events_for("rm-test")))
     # A finished job stays finished whatever the workload does next.
-    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 1}})
+    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 1, "ready": 1}})
     await asyncio.sleep(0.5)
     assert rmj(cluster)["status"]["phase"] == "Failed"
 
@@ -155,7 +156,7 @@ async def test_kueue_suspension_reads_as_pending_not_suspended(cluster: Cluster,
                    and "gpu-queue" in rmj(cluster)["status"]["message"])
     assert rmj(cluster)["status"]["phase"] == "Pending"
     admitted = {**queued, "status": "False", "reason": "JobResumed"}
-    await api(cluster, "patch", JOB_STATUS, {"status": {"conditions": [admitted], "active": 2}})
+    await api(cluster, "patch", JOB_STATUS, {"status": {"conditions": [admitted], "active": 2, "ready": 2}})
     await wait_for(phase_is(cluster, "Running"))
 
 
@@ -385,6 +386,46 @@ async def test_a_child_the_api_server_refuses_fails_the_job_once(monkeypatch: py
         await asyncio.sleep(1.0)
         assert [r for r in cluster if r.method != kmock.method.GET] == writes  # settled: no retry loop
         assert [e["reason"] for e in cluster.events_for("rm-test")] == ["Failed"]
+
+
+async def test_pods_that_cannot_be_scheduled_are_not_running(cluster: Cluster, operator: asyncio.Task) -> None:
+    """Emulates the Job controller's status for pods that exist but are not ready (no node
+    fits, image still pulling): ``active`` counts them, ``ready`` does not."""
+    await started(cluster, new_job(), JOBS)
+    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 2, "ready": 0}})
+    await wait_for(lambda: "none ready" in rmj(cluster)["status"].get("message", ""), message="not-ready message")
+    assert rmj(cluster)["status"]["phase"] == "Pending" and condition(rmj(cluster), "Running") is None
+
+
+def test_a_workload_failure_reported_before_the_create_handler_finishes_stays_failed() -> None:
+    """The workload watcher can run before the create handler records the workload (a Job
+    that fails at once, e.g. an image that does not exist with backoffLimit 0): the create
+    handler must not put the phase back to Pending (and the watcher then to Failed again,
+    with a second event and completionTime)."""
+    body = new_job()
+    body["metadata"].update(uid="u1", generation=1)
+    body["status"] = cond_module.workload_status_patch(
+        body, "Job", {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]},
+        cond_module.now_iso())
+    assert body["status"]["phase"] == "Failed"
+    patch = handlers.created_patch(body, spec_module.parse_spec(body["spec"]), render.workload_ref(body, "job"))
+    assert "phase" not in patch and patch["workload"]["kind"] == "Job"
+
+
+async def test_an_operator_restart_does_not_repeat_the_invalid_spec_warning(cluster: Cluster) -> None:
+    """kopf runs the resume handler for every job when the operator starts (every upgrade or
+    rescheduling of its pod): an invalid job already reported must not get a new Warning."""
+    bad = new_job(trainer={"modelNameOrPath": "m"})
+    async with running_operator():
+        await api(cluster, "post", rmj_path(), bad)
+        await wait_for(phase_is(cluster, "Failed"))
+        await wait_for(lambda: cluster.events_for("rm-test"), message="the first event")
+    before = len(list(cluster))
+    async with running_operator():
+        await wait_for(lambda: any(r.method == kmock.method.GET and r.url.path.endswith("/rm-test")
+                                   for r in list(cluster)[before:]), message="the resumed job handled")
+        await asyncio.sleep(1.0)
+    assert [(e["type"], e["reason"]) for e in cluster.events_for("rm-test")] == [("Warning", "Failed")]
 
 
 def example_jobs() -> list[dict]:

@@ -69,7 +69,7 @@ async def test_secret_values_never_leave_their_secret(
     # Drive the job through everything that writes: create, run, report, a refused edit, finish.
     await api(cluster, "post", rmj_path(), new_job(**SECRETS))
     await wait_for(lambda: cluster.get(JOBS, "rm-test"))
-    await api(cluster, "patch", f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/rm-test/status", {"status": {"active": 2}})
+    await api(cluster, "patch", f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/rm-test/status", {"status": {"active": 2, "ready": 2}})
     await wait_for(phase_is(cluster, "Running"))
     await asyncio.to_thread(reporter_for(cluster, monkeypatch).report, {**REPORT, "hub": HUB}, True)
     await wait_for(lambda: rmj(cluster)["status"].get("hub"))

@@ -5,9 +5,9 @@ STAMP  := $(VENV)/.installed
 TOOLS  := .tools/bin
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install test test-fast demo crd bench lint e2e clean
+.PHONY: install test test-fast demo crd bench lint e2e clean k8s-tools cluster-up cluster-down
 
-install: $(STAMP)
+install: $(STAMP) k8s-tools
 
 # torch first and pinned: this machine has the 2.13.0 CPU wheel on disk; any looser spec
 # would pull gigabytes of CUDA wheels.
@@ -21,6 +21,28 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+# Without the tests that start the local Kubernetes control plane.
+test-fast: install
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not cluster"
+
+# The local Kubernetes control plane (hack/k8s, pinned in its go.mod files) is built from the Go
+# module proxy; the script skips binaries already at their pinned version. Without go it is left
+# out and tests/cluster is skipped, except under CI, where a missing go is an error.
+k8s-tools:
+	@if command -v go >/dev/null; then hack/k8s/build.sh $(TOOLS); \
+	else case "$$CI" in ""|0|false|no) \
+	  echo "note: go is not on PATH: the local Kubernetes control plane is not built (tests/cluster skipped)";; \
+	  *) echo "error: CI is set but go is not on PATH: cannot build the local Kubernetes control plane" >&2; exit 1;; \
+	esac; fi
+
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler and KWOK nodes on 127.0.0.1;
+# admin kubeconfig in .cluster/kubeconfig, logs in .cluster/logs/ (hack/cluster/cluster.py).
+cluster-up: k8s-tools
+	python3 hack/cluster/cluster.py up
+
+cluster-down:
+	python3 hack/cluster/cluster.py down
 
 demo: install
 	$(PY) -m rmjob_trainer.demo

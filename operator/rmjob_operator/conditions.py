@@ -23,6 +23,11 @@ TERMINAL_PHASES = (SUCCEEDED, FAILED)
 # Condition types of the RewardModelJob. The phase ones mirror the workload; the
 # last two are about the spec and are owned by the create/update handlers.
 CREATED, INVALID_SPEC, SPEC_CHANGE_REFUSED = "Created", "InvalidSpec", "SpecChangeRefused"
+# The workload's controller cannot create pods (Pod Security, quota, a missing ServiceAccount
+# or PriorityClass): it only says so in Warning events on the workload.
+POD_CREATION_FAILED = "PodCreationFailed"
+# Reasons of those events: the Job controller's and Kubeflow's training-operator's.
+POD_CREATION_FAILED_REASONS = ("FailedCreate", "FailedCreatePod")
 PHASE_CONDITIONS = (RUNNING, SUCCEEDED, FAILED, SUSPENDED)
 
 
@@ -139,12 +144,27 @@ def workload_status_patch(owner: dict, kind: str, workload_status: dict | None, 
     )
     old_conditions = status.get("conditions") or []
     conditions = phase_conditions(old_conditions, phase, reason, message, generation, now)
+    if phase == RUNNING and any(c["type"] == POD_CREATION_FAILED and c["status"] == "True" for c in conditions):
+        conditions = set_condition(conditions, POD_CREATION_FAILED, False, "PodsCreated", "", generation, now)
     patch: dict = {"phase": phase, "message": message}
     if phase != old_phase and phase in TERMINAL_PHASES:
         patch["completionTime"] = now
     if conditions != old_conditions:
         patch["conditions"] = conditions
     return patch
+
+
+def pod_creation_failed_patch(owner: dict, kind: str, message: str, now: str) -> dict:
+    """The ``status`` fields for a workload of ``kind`` whose controller reports that it cannot
+    create pods (``message``: the event's, e.g. the admission error). A job that is running or
+    finished is left alone: a later replacement pod failing does not change its phase."""
+    status = owner.get("status") or {}
+    if status.get("phase") in (RUNNING, *TERMINAL_PHASES):
+        return {}
+    text = f"the {kind} cannot create pods: {message}"
+    conditions = set_condition(status.get("conditions") or [], POD_CREATION_FAILED, True, "FailedCreate", text,
+                               status.get("observedGeneration"), now)
+    return {"message": text, "conditions": conditions}
 
 
 # status.training keys (written by the trainer) that are copied to status.metrics.

@@ -78,6 +78,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # only the workloads this operator labelled, not every Job in the cluster.
     for group, plural in WORKLOAD_RESOURCES:
         settings.watching.label_selectors[group, plural] = JOB_LABEL
+    settings.watching.field_selectors["", "v1", "events"] = "type=Warning"
     memo.kube = KubeApi()
     # Per-job locks: the workload watcher and the spec handlers both rewrite status.conditions.
     memo.status_locks = collections.defaultdict(asyncio.Lock)
@@ -373,6 +374,31 @@ async def workload_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Mem
         return  # labelled like ours, but not created by this operator
     # By uid: a late event of a deleted job's workload must not reach its same-name successor.
     await sync_from_workload(memo, body.metadata.namespace, owners[0]["name"], owners[0]["uid"], dict(body))
+
+
+@kopf.on.event("", "v1", "events")
+async def workload_warned(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A workload's controller cannot create its pods: say so in the job's status, which would
+    otherwise stay Pending without a word."""
+    involved = body.get("involvedObject") or {}
+    if event["type"] == "DELETED" or body.get("reason") not in cond.POD_CREATION_FAILED_REASONS:
+        return
+    if involved.get("kind") not in ("Job", "PyTorchJob") or not involved.get("namespace"):
+        return
+    path = object_path(involved["apiVersion"], involved["kind"], involved["namespace"], involved["name"])
+    workload = await memo.kube.get(path)
+    if workload is None or workload["metadata"].get("uid") != involved.get("uid"):
+        return  # an event about an earlier object of that name
+    owners = [ref for ref in workload["metadata"].get("ownerReferences") or []
+              if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION]
+    if not owners:
+        return
+    now = cond.now_iso()
+    await update_status(
+        memo, involved["namespace"], owners[0]["name"],
+        lambda owner: cond.pod_creation_failed_patch(owner, involved["kind"], body.get("message") or "", now),
+        uid=owners[0]["uid"],
+    )
 
 
 # --- spec updates ----------------------------------------------------------------------

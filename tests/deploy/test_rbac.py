@@ -77,7 +77,7 @@ async def exercise(cluster: RecordingCluster) -> None:
         await client(cluster, "post", rmj_path(), new_job(name, runPolicy={"backend": backend}))
         await wait_for(lambda: cluster.get(resource, name), message=f"{backend} workload")
         plural = resource.split("/")[-1]
-        running = ({"active": 2} if backend == "job"
+        running = ({"active": 2, "ready": 2} if backend == "job"
                    else {"conditions": [{"type": "Running", "status": "True", "reason": "Running", "message": ""}]})
         await client(cluster, "patch", workload_status_path(plural, group_version, name), {"status": running})
         await wait_for(phase_is(cluster, "Running", name))

@@ -397,6 +397,33 @@ async def test_pods_that_cannot_be_scheduled_are_not_running(cluster: Cluster, o
     assert rmj(cluster)["status"]["phase"] == "Pending" and condition(rmj(cluster), "Running") is None
 
 
+async def test_pods_the_job_controller_cannot_create_show_in_the_status(cluster: Cluster,
+                                                                         operator: asyncio.Task) -> None:
+    """Emulates kube-controller-manager's Job controller when pod creation is refused (here by
+    Pod Security admission): it posts a ``FailedCreate`` Warning event on the Job and leaves
+    its status alone. Also worth running against the real control plane (a namespace
+    enforcing ``restricted`` and a job with a hostPath volume)."""
+    job = await started(cluster, new_job(), JOBS)
+    refusal = ('pods "rm-test-0-x7k2p" is forbidden: violates PodSecurity "restricted:latest": '
+               'hostPath volumes (volume "data")')
+    await api(cluster, "post", f"/api/v1/namespaces/{NAMESPACE}/events", {
+        "apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": "FailedCreate", "message": f"Error creating: {refusal}",
+        "metadata": {"name": "rm-test.1", "namespace": NAMESPACE},
+        "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": "rm-test", "namespace": NAMESPACE,
+                           "uid": job["metadata"]["uid"]},
+    })
+    failed = await wait_for(lambda: condition(rmj(cluster), "PodCreationFailed"), message="PodCreationFailed")
+    assert (failed["status"], failed["reason"]) == ("True", "FailedCreate") and refusal in failed["message"]
+    status = rmj(cluster)["status"]
+    assert status["phase"] == "Pending" and status["message"].startswith("the Job cannot create pods: ")
+
+    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 2, "ready": 2}})  # fixed: pods run
+    await wait_for(phase_is(cluster, "Running"))
+    assert condition(rmj(cluster), "PodCreationFailed")["status"] == "False"
+    reads = [r for r in cluster if r.method == kmock.method.GET and r.url.path.endswith("/events")]
+    assert reads and {r.params.get("fieldSelector") for r in reads} == {"type=Warning"}
+
+
 def test_a_workload_failure_reported_before_the_create_handler_finishes_stays_failed() -> None:
     """The workload watcher can run before the create handler records the workload (a Job
     that fails at once, e.g. an image that does not exist with backoffLimit 0): the create

@@ -103,10 +103,11 @@ compares. manifests/rbac.yaml carries the same rules.
 - apiGroups: [kubeflow.org]
   resources: [pytorchjobs]
   verbs: [get, list, watch, create, patch]
-# kopf.event() and the phase-change events.
+# kopf.event() and the phase-change events; Warning events are watched for a workload
+# whose controller cannot create pods (FailedCreate).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list, watch]
 {{- if and .Values.peering.enabled (not (include "rmjob-operator.clusterwide" .)) }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]

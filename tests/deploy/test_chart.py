@@ -113,6 +113,15 @@ def test_namespace_scope_grants_roles_only_in_watched_namespaces(helm_template):
     assert all(rule["apiGroups"] != ["apiextensions.k8s.io"] for rule in roles[0]["rules"])
 
 
+def test_watched_namespaces_get_roles_even_with_cluster_scope(helm_template):
+    """An operator confined to some namespaces holds no rights in the others (the confused
+    deputy of issue 14 reaches only as far as the operator's RBAC)."""
+    objects = helm_template("--set", "watchNamespaces={team-a}")
+    assert [r["metadata"]["namespace"] for r in by_kind(objects, "Role")] == ["team-a"]
+    (cluster_role,) = by_kind(objects, "ClusterRole")
+    assert [r["resources"] for r in cluster_role["rules"]] == [["customresourcedefinitions"]]
+
+
 def test_namespace_scope_defaults_to_the_release_namespace(helm_template):
     objects = helm_template("--set", "rbac.scope=namespace")
     assert [r["metadata"]["namespace"] for r in by_kind(objects, "Role")] == ["rmjob-system"]

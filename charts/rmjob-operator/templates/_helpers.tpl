@@ -48,9 +48,11 @@ app.kubernetes.io/part-of: rmjob
 {{- printf "%s:%s" .Values.trainerImage.repository (default .Chart.AppVersion .Values.trainerImage.tag) }}
 {{- end }}
 
-{{/* "true" when the operator's permissions are namespaced (Roles), "" for a ClusterRole. */}}
+{{/* "true" when the operator's permissions are namespaced (Roles), "" for a ClusterRole:
+with rbac.scope=namespace, and whenever watchNamespaces names the namespaces (an operator
+confined to them needs no rights elsewhere). */}}
 {{- define "rmjob-operator.namespaced" -}}
-{{- if eq .Values.rbac.scope "namespace" }}true{{ end }}
+{{- if or (eq .Values.rbac.scope "namespace") .Values.watchNamespaces }}true{{ end }}
 {{- end }}
 
 {{/* "true" when the operator watches every namespace (kopf --all-namespaces). */}}

@@ -73,8 +73,9 @@ def kubectl(cluster):
 
     def run(*args: str, input: str | None = None, kubeconfig: Path | None = None, check: bool = True):
         env = {**os.environ, "KUBECONFIG": str(kubeconfig or cluster.kubeconfig)}
+        # Longer than any `kubectl wait --timeout` a test passes, so kubectl reports its own timeout.
         result = subprocess.run([str(KUBECTL), *args], input=input, capture_output=True, text=True,
-                                timeout=120, env=env)
+                                timeout=300, env=env)
         if check and result.returncode != 0:
             pytest.fail(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}", pytrace=False)
         return result

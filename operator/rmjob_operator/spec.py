@@ -51,8 +51,12 @@ OUTPUT_MOUNT_PATH = "/output"
 SHM_MOUNT_PATH = "/dev/shm"
 # The operator's own volumes are named with this prefix; user volumes may not be.
 OPERATOR_VOLUME_PREFIX = "rmjob-"
-# Bounds for CEL's cost estimator on the pass-through lists the rules compare pairwise.
+# Bounds for CEL's cost estimator on the pass-through lists the rules compare pairwise: without
+# them it assumes lists and strings as long as a whole request and the API server refuses the CRD.
 MAX_VOLUMES = 64
+# Volume names are DNS-1123 labels in the pod spec anyway.
+MAX_VOLUME_NAME_LENGTH = 63
+MAX_MOUNT_PATH_LENGTH = 1024
 
 # Children and pod host names are derived from the job name ("NAME-trainer", "NAME-0.NAME",
 # "NAME-worker-12"), and the Job backend's headless Service needs a DNS-1035 label.
@@ -205,12 +209,14 @@ class EnvVar(_Model):
 
 
 class Volume(_OpenModel):
-    name: str = Field(min_length=1, description="Volume name, referenced by volumeMounts.")
+    name: str = Field(min_length=1, max_length=MAX_VOLUME_NAME_LENGTH,
+                      description="Volume name, referenced by volumeMounts.")
 
 
 class VolumeMount(_OpenModel):
-    name: str = Field(min_length=1, description="Name of a volume in volumes.")
-    mount_path: str = Field(min_length=1, description="Path inside the trainer container.")
+    name: str = Field(min_length=1, max_length=MAX_VOLUME_NAME_LENGTH, description="Name of a volume in volumes.")
+    mount_path: str = Field(min_length=1, max_length=MAX_MOUNT_PATH_LENGTH,
+                            description="Path inside the trainer container.")
 
 
 class Toleration(_OpenModel):

@@ -181,6 +181,12 @@ def test_cel_rules_that_iterate_have_bounded_input():
     spec = openapi_schema()["properties"]["spec"]["properties"]
     assert spec["trainer"]["properties"]["datasetMixer"]["maxProperties"] <= 64
     assert spec["resources"]["properties"]["env"]["maxItems"] <= 256
+    # Compared pairwise (unique names and mount paths): lists and strings both bounded.
+    volumes, mounts = (spec["resources"]["properties"][name] for name in ("volumes", "volumeMounts"))
+    assert volumes["maxItems"] <= 64 and mounts["maxItems"] <= 64
+    assert volumes["items"]["properties"]["name"]["maxLength"] <= 63
+    assert mounts["items"]["properties"]["name"]["maxLength"] <= 63
+    assert mounts["items"]["properties"]["mountPath"]["maxLength"] <= 1024
 
 
 def test_crd_yaml_has_no_anchors():

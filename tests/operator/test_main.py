@@ -13,6 +13,14 @@ from rmjob_operator import __main__ as entry
 
 
 @pytest.fixture(autouse=True)
+def cluster_reachable(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The start-up check passes (tests/operator/test_startup.py covers it); returns its timeouts."""
+    timeouts: list[float] = []
+    monkeypatch.setattr(entry, "check_cluster_access", timeouts.append)
+    return timeouts
+
+
+@pytest.fixture(autouse=True)
 def restore_logging() -> None:
     """main() installs kopf's log handler on the root logger; keep it out of other tests."""
     root = logging.getLogger()
@@ -35,6 +43,14 @@ def test_arguments_map_onto_kopf_run(argv: list[str], expected: dict, monkeypatc
     entry.main(argv)
     (kwargs,) = calls
     assert {key: kwargs[key] for key in expected} == expected
+
+
+def test_startup_timeout_reaches_the_cluster_check(cluster_reachable: list[float],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: None)
+    entry.main([])
+    entry.main(["--startup-timeout", "2.5"])
+    assert cluster_reachable == [30.0, 2.5]
 
 
 def test_logs_are_json_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

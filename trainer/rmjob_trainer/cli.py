@@ -22,19 +22,24 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from rmjob_trainer import ConfigError, UserInputError
+from rmjob_trainer import ConfigError, UserInputError, preflight
 from rmjob_trainer.chat_templates import CHAT_TEMPLATE_NAMES
 from rmjob_trainer.config import CONFIG_FIELDS, RewardConfig
 
 PROG = "rmjob-train"
+EXIT_USER_ERROR = 2  # as argparse
 YAML_SUFFIXES = (".yaml", ".yml")
 MIXER_FIELDS = ("dataset_mixer", "dataset_eval_mixer")
 _TRUE = {"true", "yes", "y", "1", "on"}
@@ -296,17 +301,53 @@ def parse_args(argv: Sequence[str] | None = None) -> RewardConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, then train. Bad flags or data: one ``error:`` line on stderr, exit status 2."""
+    """Parse, check, say what will happen, train. A user mistake: one ``error:`` line, exit status 2.
+
+    The first-run checks (:mod:`rmjob_trainer.preflight`) run before any data, model or process
+    group, and under torchrun all ranks stop together with the same line.
+    """
     try:
         cfg = parse_args(argv)
-        if cfg.push_to_hub:  # fail now, not after hours of training
-            from rmjob_trainer.hub import hub_token
+        preflight.check(cfg)
+        verdict = None
+    except UserInputError as exc:
+        verdict = str(exc)
+    verdict = preflight.agree(verdict)
+    if verdict:
+        return _stop_every_rank(verdict)
+    try:
+        from rmjob_trainer.train import train  # heavy (torch): only once the run can start
 
-            hub_token()
-        from rmjob_trainer.train import train  # heavy (torch): only after the config is valid
-
+        if os.environ.get("RANK", "0") == "0":
+            print(preflight.plan(cfg), flush=True)
         train(cfg)
     except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        _report(str(exc))
+        return EXIT_USER_ERROR
     return 0
+
+
+def _report(message: str) -> None:
+    line = f"error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        # torchrun's failure summary then shows this line instead of a pointer to its docs
+        # (the format of torch.distributed.elastic's ErrorHandler.record_exception).
+        Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": {
+            "py_callstack": line, "timestamp": str(int(time.time()))}}}))
+
+
+def _stop_every_rank(message: str) -> int:
+    """The start-up verdict, the same on every rank: under torchrun all ranks leave at once."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        _report(message)
+        return EXIT_USER_ERROR
+    # torchrun stops the other ranks with SIGTERM as soon as it sees one exit, and an exit
+    # through interpreter shutdown (which restores the default SIGTERM action) is slow enough
+    # to be caught: its summary would show one failure and N-1 signals instead of N times
+    # this status. Leaving at once, SIGTERM included, keeps every rank's status.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_USER_ERROR))
+    _report(message)
+    sys.stdout.flush()
+    os._exit(EXIT_USER_ERROR)

@@ -1,0 +1,392 @@
+"""First-run mistakes through the real command line: each one is a single ``error:`` line,
+exit status 2, no traceback, nothing in the output directory, and, for everything the
+start-up checks catch, no data pipeline (nor torch) entered first. Plus the pieces: the
+run's first line, W&B credentials as wandb itself finds them, one verdict across ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rmjob_trainer import ConfigError
+from rmjob_trainer.config import RewardConfig
+from rmjob_trainer.preflight import agree, check_tracking, plan
+
+REPO = Path(__file__).resolve().parents[2]
+DS_CONFIGS = REPO / "configs" / "ds_configs"
+# Modules whose import means the run went past the start-up checks.
+HEAVY_MODULES = ("rmjob_trainer.data", "datasets", "torch", "transformers")
+# Written into a sitecustomize.py on PYTHONPATH: the child records, at exit, which heavy
+# modules it imported, so a test sees whether the data pipeline was entered at all.
+RECORD_IMPORTS = f"""
+import atexit, json, os, sys
+
+def _record():
+    with open(os.environ["RMJOB_TEST_IMPORTS"], "w") as fh:
+        json.dump([m for m in {HEAVY_MODULES!r} if m in sys.modules], fh)
+
+atexit.register(_record)
+"""
+# The variables these mistakes are about; each case starts without them.
+USER_ENV = ("HF_TOKEN", "HF_ENDPOINT", "WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE",
+            "NETRC", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "WORLD_SIZE", "RANK")
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Workspace:
+    """A fresh directory per mistake: a run that writes nothing leaves ``out`` absent."""
+
+    root: Path
+    model: Path
+    data: Path
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    def file(self, name: str, text: str = "") -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def base(self, **flags: str) -> list[str]:
+        """A command line that would train, with ``flags`` replacing or adding flags."""
+        values = {"model_name_or_path": str(self.model), "dataset_mixer": json.dumps({str(self.data): 1.0}),
+                  "output_dir": str(self.out), "sanity_check_max_samples": "8", **flags}
+        return ["--sanity_check", *[item for key, value in values.items() if value is not None
+                                    for item in (f"--{key}", value)]]
+
+
+@dataclass
+class Mistake:
+    name: str
+    argv: Callable[[Workspace], list[str]]
+    says: tuple[str, ...]  # fragments of the last line: the problem and what to do
+    env: Callable[[Workspace], dict] = lambda ws: {}  # overrides; None unsets
+    before_data: bool = True  # caught by the start-up checks, so no data pipeline may run
+    untouched: Callable[[Workspace], Path] = lambda ws: ws.out  # must not appear or change
+
+
+def _unwritable_dir(ws: Workspace) -> Path:
+    if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses new entries to anyone
+        return Path("/sys/rmjob-out")
+    locked = ws.root / "locked"
+    locked.mkdir(mode=0o555)
+    return locked / "out"
+
+
+def _accelerate_yaml(ws: Workspace, section: str) -> str:
+    return str(ws.file("accelerate.yaml", f"compute_environment: LOCAL_MACHINE\n{section}"))
+
+
+MISTAKES = [
+    # --- the model --------------------------------------------------------------------------
+    Mistake("model_dir_typo", lambda ws: ws.base(model_name_or_path=str(ws.root / "models" / "tiny-rm-typo")),
+            ("--model_name_or_path: no such directory:", "tiny-rm-typo", "check the path")),
+    Mistake("model_relative_typo_offline", lambda ws: ws.base(model_name_or_path="models/tiny-rm-typo"),
+            ("models/tiny-rm-typo is not a local directory and not in the Hub cache", "HF_HUB_OFFLINE is set",
+             "check the path, or download the model")),
+    Mistake("hub_model_without_network", lambda ws: ws.base(model_name_or_path="EleutherAI/pythia-14m"),
+            ("EleutherAI/pythia-14m is not a local directory, and the Hub", "cannot be reached",
+             "use a copy in the Hub cache with HF_HUB_OFFLINE=1"),
+            env=lambda ws: {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}),
+    Mistake("model_dir_without_config", lambda ws: ws.base(model_name_or_path=str(ws.data)),
+            ("has no config.json", "give the directory that save_pretrained wrote")),
+    Mistake("model_is_a_file", lambda ws: ws.base(model_name_or_path=str(ws.file("model.safetensors"))),
+            ("model.safetensors is a file", "give the model directory")),
+    # --- tracking and the Hub ---------------------------------------------------------------
+    Mistake("tracking_without_wandb_key", lambda ws: ws.base() + ["--with_tracking"],
+            ("--with_tracking needs W&B credentials", "set WANDB_API_KEY", "`wandb login`", "WANDB_MODE=offline")),
+    Mistake("tracking_with_login_for_another_server", lambda ws: ws.base() + ["--with_tracking"],
+            ("--with_tracking needs W&B credentials for https://wandb.example.com", "`wandb login`"),
+            env=lambda ws: {"WANDB_BASE_URL": "https://wandb.example.com",
+                            "NETRC": str(ws.file("netrc", f"machine api.wandb.ai login user password {'k' * 40}\n"))}),
+    Mistake("wandb_mode_typo", lambda ws: ws.base() + ["--with_tracking"],
+            ("WANDB_MODE='ofline' is not a W&B mode", "use online, offline or disabled"),
+            env=lambda ws: {"WANDB_MODE": "ofline"}),
+    Mistake("push_to_hub_without_token", lambda ws: ws.base() + ["--push_to_hub"],
+            ("--push_to_hub needs a Hub write token in the HF_TOKEN environment variable",)),
+    # --- the output directory ---------------------------------------------------------------
+    Mistake("output_dir_is_a_file", lambda ws: ws.base(output_dir=str(ws.file("out", "results"))),
+            ("--output_dir:", "is a file, not a directory", "choose another --output_dir")),
+    Mistake("output_dir_under_a_file", lambda ws: ws.base(output_dir=str(ws.file("notes.txt") / "run1")),
+            ("notes.txt is a file, so", "cannot be created", "choose another --output_dir"),
+            untouched=lambda ws: ws.root / "notes.txt"),
+    Mistake("output_dir_not_writable", lambda ws: ws.base(output_dir=str(_unwritable_dir(ws))),
+            ("--output_dir: cannot write in", "choose a writable --output_dir")),
+    # --- DeepSpeed --------------------------------------------------------------------------
+    Mistake("deepspeed_file_missing", lambda ws: ws.base(deepspeed=str(ws.root / "ds_zero3.json")),
+            ("--deepspeed: no such file:", "ds_zero3.json")),
+    Mistake("deepspeed_json_invalid", lambda ws: ws.base(deepspeed=str(ws.file("ds.json", '{"zero_optimization": {'))),
+            ("--deepspeed:", "ds.json is not valid JSON", "line 1")),
+    Mistake("deepspeed_yaml_without_section",
+            lambda ws: ws.base(deepspeed=_accelerate_yaml(ws, "distributed_type: MULTI_GPU\n")),
+            ("accelerate.yaml is neither a DeepSpeed JSON nor an accelerate config with a deepspeed_config section",)),
+    Mistake("deepspeed_is_a_directory", lambda ws: ws.base(deepspeed=str(DS_CONFIGS)),
+            ("--deepspeed:", "is a directory; give a DeepSpeed JSON or an accelerate config file")),
+    Mistake("deepspeed_yaml_names_missing_json",
+            lambda ws: ws.base(deepspeed=_accelerate_yaml(
+                ws, f"deepspeed_config:\n  deepspeed_config_file: {ws.root / 'missing.json'}\n")),
+            ("deepspeed_config_file: no such file:", "missing.json")),
+    Mistake("deepspeed_zero_stage_typo",
+            lambda ws: ws.base(deepspeed=_accelerate_yaml(ws, "deepspeed_config:\n  zero_stage: three\n")),
+            ("zero_stage must be 0, 1, 2 or 3, got 'three'",)),
+    Mistake("accelerate_env_names_missing_json", lambda ws: ws.base(),
+            ("ACCELERATE_DEEPSPEED_CONFIG_FILE: no such file:", "gone.json"),
+            env=lambda ws: {"ACCELERATE_USE_DEEPSPEED": "true",
+                            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ws.root / "gone.json")}),
+    # --- flags and config files -------------------------------------------------------------
+    Mistake("flag_typo", lambda ws: ws.base() + ["--learning_rat", "1e-5"], ("--learning_rat: unknown flag",)),
+    Mistake("learning_rate_not_a_number", lambda ws: ws.base(learning_rate="3e-6x"),
+            ("--learning_rate: expected a number, got '3e-6x'",)),
+    Mistake("zero_batch_size", lambda ws: ws.base(per_device_train_batch_size="0"),
+            ("--per_device_train_batch_size: must be >= 1, got 0",)),
+    Mistake("chat_template_typo", lambda ws: ws.base(chat_template="simple_chatt"),
+            ("--chat_template: unknown template 'simple_chatt' (choose from",)),
+    Mistake("model_flag_missing", lambda ws: ws.base(model_name_or_path=None),
+            ("--model_name_or_path: is required",)),
+    Mistake("config_file_missing", lambda ws: ws.base(config=str(ws.root / "run.yaml")),
+            ("--config: cannot read", "run.yaml")),
+    # --- the data (found once it is read, still before the model and any output) ------------
+    Mistake("unknown_split", lambda ws: ws.base(dataset_train_splits="tran"),
+            ("cannot load", "[tran]"), before_data=False),
+    Mistake("dataset_path_typo", lambda ws: ws.base(dataset_mixer=json.dumps({str(ws.root / "pairs.jsonl"): 1.0})),
+            ("cannot load", "pairs.jsonl"), before_data=False),
+    Mistake("everything_filtered_out", lambda ws: ws.base(max_token_length="3"),
+            ("the train dataset is empty after filtering with --max_token_length 3",), before_data=False),
+]
+
+
+@pytest.fixture(scope="module")
+def import_recorder(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("record_imports")
+    (directory / "sitecustomize.py").write_text(RECORD_IMPORTS)
+    return directory
+
+
+def run_cli(ws: Workspace, argv: list[str], env: dict, import_recorder: Path) -> tuple[subprocess.CompletedProcess,
+                                                                                      list[str]]:
+    imports_file = ws.root / "imports.json"
+    full_env = {k: v for k, v in os.environ.items() if k not in USER_ENV}
+    full_env.update(HOME=str(ws.root / "home"), HF_HUB_CACHE=str(ws.root / "hub-cache"),
+                    PYTHONPATH=os.pathsep.join(filter(None, (str(import_recorder), os.environ.get("PYTHONPATH")))),
+                    RMJOB_TEST_IMPORTS=str(imports_file))
+    for key, value in env.items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    result = subprocess.run([sys.executable, "-m", "rmjob_trainer", *argv], capture_output=True, text=True,
+                            env=full_env, cwd=ws.root, timeout=300)
+    return result, json.loads(imports_file.read_text())
+
+
+def snapshot(path: Path) -> object:
+    if not path.exists():
+        return None
+    if path.is_file():
+        return path.read_bytes()
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("mistake", MISTAKES, ids=[m.name for m in MISTAKES])
+def test_user_mistake_is_one_line_before_any_work(mistake: Mistake, tmp_path, tiny_model_dir, bundled_dataset_dir,
+                                                  import_recorder):
+    ws = Workspace(tmp_path, tiny_model_dir, bundled_dataset_dir)
+    (tmp_path / "home").mkdir()
+    argv, env = mistake.argv(ws), mistake.env(ws)
+    watched = mistake.untouched(ws)
+    before = snapshot(watched)
+
+    result, imported = run_cli(ws, argv, env, import_recorder)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for fragment in mistake.says:
+        assert fragment in last, (fragment, last)
+    assert snapshot(watched) == before, f"{watched} changed"
+    if mistake.before_data:
+        assert result.stderr.count("\n") == 1 and result.stdout == "", output  # nothing else happened
+        assert imported == [], f"the start-up checks let the run import {imported}"
+
+
+def test_the_table_has_at_least_twenty_mistakes_of_each_kind_the_issue_names():
+    assert len(MISTAKES) >= 20
+    names = {m.name for m in MISTAKES}
+    assert {"model_dir_typo", "hub_model_without_network", "tracking_without_wandb_key", "output_dir_is_a_file",
+            "push_to_hub_without_token", "unknown_split", "deepspeed_file_missing", "zero_batch_size",
+            "everything_filtered_out"} <= names
+
+
+def test_a_good_run_states_its_plan_first(tmp_path, tiny_model_dir, bundled_dataset_dir, import_recorder):
+    ws = Workspace(tmp_path, tiny_model_dir, bundled_dataset_dir)
+    (tmp_path / "home").mkdir()
+    argv = ws.base(total_episodes="8", per_device_train_batch_size="2", gradient_accumulation_steps="2",
+                   num_evals="0", checkpointing_steps="1", mixed_precision="no")
+    result, imported = run_cli(ws, argv, {}, import_recorder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = result.stdout.splitlines()[0]
+    assert first == (f"plan: single cpu process, fp32; 4 pairs per step (2 per device x 2 accumulation x 1 "
+                     f"process(es)), 2 steps (8 pairs); padding-free batches; output {ws.out}, checkpoints every "
+                     f"1 steps in {ws.out / 'checkpoints'} (keep 2); no tracking; no Hub push")
+    assert (ws.out / "metrics.json").is_file() and "rmjob_trainer.data" in imported
+
+
+# --- the plan --------------------------------------------------------------------------------
+def test_plan_names_deepspeed_stage_offload_world_size_tracking_and_hub(tmp_path):
+    cfg = RewardConfig(model_name_or_path="EleutherAI/pythia-1b-deduped", dataset_mixer={"d": 1.0},
+                       per_device_train_batch_size=4, gradient_accumulation_steps=2, total_episodes=1000,
+                       output_dir=str(tmp_path / "rm"), with_tracking=True, wandb_entity="team", push_to_hub=True,
+                       hf_entity="org", hf_repo_private=False, mixed_precision="bf16", padding_free=False)
+    env = {"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+           "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu", "WANDB_MODE": "offline"}
+    assert plan(cfg, env) == (
+        "plan: DeepSpeed ZeRO-3 (optimizer offloaded to cpu) on 8 cpu process(es), bf16; 64 pairs per step "
+        "(4 per device x 2 accumulation x 8 process(es)), 15 steps (1000 pairs); padded batches; "
+        f"output {tmp_path / 'rm'}, no checkpoints; W&B team/open_instruct_internal (offline); "
+        "Hub push to org/reward_modeling__EleutherAI_pythia-1b-deduped branch <run name> (public)")
+
+
+@pytest.mark.parametrize("world_size, deepspeed, engine", [
+    ("1", None, "single cpu process"),
+    ("2", None, "DDP on 2 cpu processes"),
+    ("2", "deepspeed_zero2.yaml", "DeepSpeed ZeRO-2 on 2 cpu process(es)"),
+    ("1", "deepspeed_zero3.yaml", "DeepSpeed ZeRO-3 on 1 cpu process(es)"),
+])
+def test_plan_engine(world_size, deepspeed, engine):
+    cfg = RewardConfig(model_name_or_path="m", dataset_mixer={"d": 1.0},
+                       deepspeed=str(DS_CONFIGS / deepspeed) if deepspeed else None)
+    assert plan(cfg, {"WORLD_SIZE": world_size}).startswith(f"plan: {engine}, fp32; ")
+
+
+def test_plan_says_which_checkpoint_a_run_resumes_from(tmp_path):
+    (tmp_path / "checkpoints" / "step_4").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_12").mkdir()
+    cfg = RewardConfig(model_name_or_path="m", dataset_mixer={"d": 1.0}, output_dir=str(tmp_path),
+                       checkpointing_steps=4)
+    assert f"checkpoints every 4 steps in {tmp_path / 'checkpoints'} (keep 2), resuming from step_12;" in plan(cfg, {})
+    cfg.resume = False
+    assert "resuming" not in plan(cfg, {})
+
+
+# --- W&B credentials: the same verdict as wandb's own lookup ---------------------------------
+WANDB_VERDICT = """
+import json, os
+from wandb.sdk import wandb_setup
+from wandb.sdk.lib.wbauth.authenticate import authenticate_session
+host = wandb_setup.singleton().settings.base_url
+print(json.dumps(authenticate_session(host=host, source="test", prompt=False, update_session=False) is not None))
+"""
+
+
+def _netrc_line(host: str) -> str:
+    return f"machine {host} login user password {'k' * 40}\n"
+
+
+@pytest.mark.parametrize("name, files, env, has_credentials", [
+    ("nothing", {}, {}, False),
+    ("api_key_env", {}, {"WANDB_API_KEY": "k" * 40}, True),
+    ("wandb_login", {"home/.netrc": _netrc_line("api.wandb.ai")}, {}, True),
+    ("netrc_env_var", {"auth/netrc": _netrc_line("api.wandb.ai")}, {"NETRC": "{root}/auth/netrc"}, True),
+    ("login_for_another_server", {"home/.netrc": _netrc_line("wandb.example.com")}, {}, False),
+    ("on_prem_base_url", {"home/.netrc": _netrc_line("wandb.example.com")},
+     {"WANDB_BASE_URL": "https://wandb.example.com"}, True),
+    ("wandb_login_host_saved_in_settings",
+     {"home/.netrc": _netrc_line("wandb.example.com"),
+      "home/.config/wandb/settings": "[default]\nbase_url = https://wandb.example.com\n"}, {}, True),
+])
+def test_tracking_credentials_found_where_wandb_finds_them(name, files, env, has_credentials, tmp_path, monkeypatch):
+    for relative, text in files.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(text)
+        (tmp_path / relative).chmod(0o600)
+    (tmp_path / "home").mkdir(exist_ok=True)
+    child_env = {k: v for k, v in os.environ.items() if k not in USER_ENV and not k.startswith("WANDB_")}
+    child_env.update(HOME=str(tmp_path / "home"), WANDB_DIR=str(tmp_path / "wandb"),
+                     **{k: v.format(root=tmp_path) for k, v in env.items()})
+    wandb_says = subprocess.run([sys.executable, "-c", WANDB_VERDICT], capture_output=True, text=True,
+                                env=child_env, timeout=120)
+    assert wandb_says.returncode == 0, wandb_says.stderr
+    assert json.loads(wandb_says.stdout.splitlines()[-1]) is has_credentials
+
+    cfg = RewardConfig(with_tracking=True)
+    monkeypatch.setenv("HOME", child_env["HOME"])  # ~ in the default netrc and settings paths
+    if has_credentials:
+        check_tracking(cfg, child_env)
+    else:
+        with pytest.raises(ConfigError, match="--with_tracking needs W&B credentials"):
+            check_tracking(cfg, child_env)
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled", "dryrun"])
+def test_tracking_offline_needs_no_credentials(mode, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    check_tracking(RewardConfig(with_tracking=True), {"WANDB_MODE": mode})
+
+
+# --- one verdict for all ranks ---------------------------------------------------------------
+def _verdicts(errors: list[str | None]) -> list[str | None]:
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # what torchrun's agent hosts
+    env = {"WORLD_SIZE": str(len(errors)), "TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(store.port), "TORCHELASTIC_RESTART_COUNT": "0"}
+    results: list[str | None] = [None] * len(errors)
+
+    def rank(r: int) -> None:
+        results[r] = agree(errors[r], {**env, "RANK": str(r)})
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(errors))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_every_rank_stops_with_the_first_failing_ranks_line():
+    line = "--model_name_or_path: no such directory: /models/rm"
+    assert _verdicts([None, line, None]) == [f"{line} (on rank 1 of 3)"] * 3
+    assert _verdicts([line, line]) == [line, line]
+    assert _verdicts([None, None]) == [None, None]
+
+
+def test_a_single_process_decides_alone():
+    assert agree("x", {}) == "x" and agree(None, {"WORLD_SIZE": "2"}) is None
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_together_with_the_same_line(tmp_path, tiny_model_dir, bundled_dataset_dir):
+    ws = Workspace(tmp_path, tiny_model_dir, bundled_dataset_dir)
+    line = f"error: --model_name_or_path: no such directory: {tmp_path / 'typo'}; check the path"
+    env = {k: v for k, v in os.environ.items() if k not in USER_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rmjob_trainer",
+         *ws.base(model_name_or_path=str(tmp_path / "typo"))],
+        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert sum(line in row for row in result.stderr.splitlines() if row.startswith("error: ")) == 2, output
+    # torchrun's own summary: both ranks exited 2 with this line, none was stopped by a signal.
+    assert output.count("exitcode  : 2") == 2 and "(SIGTERM)" not in output, output
+    assert output.count(f"traceback : {line}") >= 1, output
+    assert not ws.out.exists()

@@ -1,0 +1,303 @@
+"""First-run checks: every user mistake that needs no data, found before any data or model.
+
+:func:`check` runs, in every process and before the process group exists, the checks that
+cost milliseconds (output directory, DeepSpeed config, Hub token, W&B credentials) and then
+the one that may touch the network (the model: a local directory, the Hub cache or the Hub).
+Each failure is a :class:`~rmjob_trainer.UserInputError` whose message names the problem and
+what to do, printed by the command line as one ``error:`` line.
+
+Under torchrun the processes may not see the same machine (a model directory present on one
+node only), so :func:`agree` shares every rank's verdict through the launcher's own store and
+all ranks stop with the same line, or none does. :func:`plan` is the run's first line: what
+is about to happen, computed from the config and the launcher's environment.
+
+Everything but :func:`plan` is torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import tempfile
+from collections.abc import Mapping
+from configparser import ConfigParser
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from rmjob_trainer import ConfigError
+from rmjob_trainer.config import RewardConfig
+
+OFFLINE_HINT = "give a local model directory, or use a copy in the Hub cache with HF_HUB_OFFLINE=1"
+# wandb's own modes; "dryrun" is its old name for offline, "run" for online.
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
+WANDB_DEFAULT_BASE_URL = "https://api.wandb.ai"
+_TRUE = ("true", "1", "yes")
+# How long a rank waits for the others' verdicts: they check the same things, so only a Hub
+# probe (10 s by default) makes one slower than another.
+AGREE_TIMEOUT = timedelta(minutes=5)
+
+
+# --- the checks ------------------------------------------------------------------------------
+
+
+def check(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """All checks that need no data, cheapest first. Raises UserInputError on the first mistake."""
+    check_output_dir(cfg)
+    check_deepspeed(cfg, environ)
+    if cfg.push_to_hub:
+        from rmjob_trainer.hub import hub_token
+
+        hub_token()
+    check_tracking(cfg, environ)
+    check_model(cfg)
+
+
+def check_output_dir(cfg: RewardConfig) -> None:
+    """The directory can be created (or exists) and is writable; nothing is left in it."""
+    path = Path(cfg.output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output_dir: {path} is a file, not a directory; remove it or choose another "
+                          "--output_dir")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output_dir: {existing} is a file, so {path} cannot be created; choose another "
+                          "--output_dir")
+    try:
+        # os.access says yes to root on read-only mounts; only writing tells.
+        os.rmdir(tempfile.mkdtemp(prefix=".rmjob-write-check-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(f"--output_dir: cannot write in {existing} ({exc.strerror}); choose a writable "
+                          "--output_dir") from None
+
+
+def _read_text(path: Path, source: str) -> str:
+    if not path.exists():
+        raise ConfigError(f"{source}: no such file: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{source}: {path} is a directory; give a DeepSpeed JSON or an accelerate config file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _check_deepspeed_json(path: Path, source: str) -> None:
+    try:
+        config = json.loads(_read_text(path, source))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: {path} is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                          f"{exc.colno})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: {path} must hold a JSON object of DeepSpeed settings")
+
+
+def check_deepspeed(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """The DeepSpeed config that :func:`rmjob_trainer.distributed.deepspeed_settings` will read
+    parses: ``--deepspeed`` (JSON, or an accelerate YAML with a ``deepspeed_config`` section and
+    perhaps a ``deepspeed_config_file``), else accelerate's ``ACCELERATE_DEEPSPEED_CONFIG_FILE``."""
+    if not cfg.deepspeed:
+        config_file = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE and config_file:
+            _check_deepspeed_json(Path(config_file), "ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        return
+    path = Path(cfg.deepspeed)
+    if path.suffix == ".json":
+        _check_deepspeed_json(path, "--deepspeed")
+        return
+    try:
+        accelerate_config = yaml.safe_load(_read_text(path, "--deepspeed"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"--deepspeed: {path} is not valid YAML{where}") from None
+    section = accelerate_config.get("deepspeed_config") if isinstance(accelerate_config, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"--deepspeed: {path} is neither a DeepSpeed JSON nor an accelerate config with a "
+                          "deepspeed_config section")
+    if section.get("deepspeed_config_file"):
+        _check_deepspeed_json(Path(section["deepspeed_config_file"]), f"--deepspeed: {path}: deepspeed_config_file")
+    elif str(section.get("zero_stage", 2)) not in ("0", "1", "2", "3"):
+        raise ConfigError(f"--deepspeed: {path}: zero_stage must be 0, 1, 2 or 3, got {section['zero_stage']!r}")
+
+
+def _wandb_host(environ: Mapping[str, str]) -> str:
+    """The W&B server wandb will use: WANDB_BASE_URL, else what `wandb login --host` saved."""
+    if environ.get("WANDB_BASE_URL"):
+        return environ["WANDB_BASE_URL"]
+    config_dir = environ.get("WANDB_CONFIG_DIR") or os.path.expanduser("~/.config/wandb")
+    settings = ConfigParser()
+    settings.read(os.path.join(config_dir, "settings"))
+    return settings.get("default", "base_url", fallback=WANDB_DEFAULT_BASE_URL)
+
+
+def _netrc_has_key(host: str, environ: Mapping[str, str]) -> bool:
+    path = environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        entry = netrc.netrc(os.path.expanduser(path)).authenticators(urlsplit(host).netloc)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def check_tracking(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """``--with_tracking`` has W&B credentials where wandb looks for them, or runs offline."""
+    if not cfg.with_tracking:
+        return
+    mode = environ.get("WANDB_MODE", "online")
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"--with_tracking: WANDB_MODE={mode!r} is not a W&B mode; use online, offline or disabled")
+    if mode in WANDB_LOCAL_MODES or environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = _wandb_host(environ)
+    if not _netrc_has_key(host, environ):
+        raise ConfigError(f"--with_tracking needs W&B credentials for {host}: set WANDB_API_KEY, run "
+                          "`wandb login`, or set WANDB_MODE=offline (sync later) or WANDB_MODE=disabled")
+
+
+def check_model(cfg: RewardConfig) -> None:
+    """``--model_name_or_path`` is a model directory, or a Hub model that is cached or reachable."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, HfHubHTTPError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.utils import validate_repo_id
+
+    name = cfg.model_name_or_path
+    path = Path(name)
+    if path.is_file():
+        raise ConfigError(f"--model_name_or_path: {name} is a file; give the model directory (with config.json) "
+                          "or a Hub model id")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model_name_or_path: {name} has no config.json; give the directory that "
+                              "save_pretrained wrote, or a Hub model id")
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(f"--model_name_or_path: no such directory: {name}; check the path "
+                          "(a Hub model id looks like org/name)") from None
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=cfg.model_revision), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"--model_name_or_path: {name} is not a local directory and not in the Hub cache "
+                          f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set; check the path, or download "
+                          "the model with network access first")
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json", revision=cfg.model_revision))
+    except GatedRepoError:
+        raise ConfigError(f"--model_name_or_path: {name} is gated on the Hub; accept its terms on the Hub and "
+                          "set HF_TOKEN to a token with access") from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"--model_revision: {cfg.model_revision} is not a branch, tag or commit of "
+                          f"{name}; check the revision") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"--model_name_or_path: {name} is not a local directory and not a model on the Hub "
+                          f"({constants.ENDPOINT}); check the path or id (a private model needs HF_TOKEN)") from None
+    except EntryNotFoundError:
+        raise ConfigError(f"--model_name_or_path: the Hub repository {name} has no config.json; give a "
+                          "transformers model") from None
+    except HfHubHTTPError as exc:
+        raise ConfigError(f"--model_name_or_path: the Hub ({constants.ENDPOINT}) answered {exc} for {name}; "
+                          f"retry later, or {OFFLINE_HINT}") from None
+    except Exception as exc:  # noqa: BLE001  whatever the HTTP library raises: no answer at all
+        raise ConfigError(f"--model_name_or_path: {name} is not a local directory, and the Hub "
+                          f"({constants.ENDPOINT}) cannot be reached ({type(exc).__name__}: {exc}); check the "
+                          f"path, or {OFFLINE_HINT}") from None
+
+
+# --- one verdict for all ranks ---------------------------------------------------------------
+
+
+def agree(error: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Every rank's verdict -> the run's verdict: the first failing rank's message, or None.
+
+    Only under torchrun (and launchers built on it: accelerate, the operator's pods), whose
+    agent hosts a store every worker can reach before the process group exists; elsewhere
+    each process decides alone.
+    """
+    world_size = int(environ.get("WORLD_SIZE", 1))
+    if world_size == 1 or environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return error
+    from torch.distributed import TCPStore
+
+    store = TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), is_master=False,
+                     timeout=AGREE_TIMEOUT)
+    prefix = f"rmjob/preflight/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(prefix + environ["RANK"], error or "")
+    keys = [f"{prefix}{rank}" for rank in range(world_size)]
+    try:
+        store.wait(keys, AGREE_TIMEOUT)
+    except RuntimeError:  # the store's timeout
+        missing = [key.removeprefix(prefix) for key in keys if not store.check([key])]
+        return (f"rank(s) {', '.join(missing)} did not finish the start-up checks within "
+                f"{AGREE_TIMEOUT.total_seconds():.0f} s; look at their logs")
+    verdicts = [store.get(key).decode() for key in keys]
+    failed = [rank for rank, verdict in enumerate(verdicts) if verdict]
+    if not failed:
+        return None
+    where = "" if len(failed) == world_size else f" (on rank {', '.join(map(str, failed))} of {world_size})"
+    return verdicts[failed[0]] + where
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+
+def plan(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> str:
+    """One line: engine, processes, precision, batch and steps, checkpoints, tracking, Hub.
+
+    Uses the trainer's own functions (DeepSpeed settings, precision, checkpoints), so it says
+    what train() will do; only the number of steps of an epoch-based run waits for the data.
+    """
+    import torch
+
+    from rmjob_trainer.distributed import build_deepspeed_config, deepspeed_settings, resolve_precision
+    from rmjob_trainer.hub import repo_name
+    from rmjob_trainer.train import latest_checkpoint
+
+    world_size = int(environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    precision = resolve_precision(cfg, device)
+    settings = deepspeed_settings(cfg, environ)
+    if settings is not None:
+        zero = build_deepspeed_config(settings, cfg, world_size, precision).get("zero_optimization", {})
+        offload = [f"{what} offloaded to {zero[key]['device']}"
+                   for what, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
+                   if zero.get(key, {}).get("device", "none") != "none"]
+        engine = f"DeepSpeed ZeRO-{zero.get('stage', 0)}" + (f" ({', '.join(offload)})" if offload else "")
+        engine += f" on {world_size} {device.type} process(es)"
+    elif world_size > 1:
+        engine = f"DDP on {world_size} {device.type} processes"
+    else:
+        engine = f"single {device.type} process"
+    batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    steps = (f"{cfg.total_episodes // batch_size} steps ({cfg.total_episodes} pairs)" if cfg.total_episodes
+             else f"{cfg.num_train_epochs} epoch(s), steps counted once the data is tokenized")
+    output_dir = Path(cfg.output_dir)
+    checkpoints = (f"checkpoints every {cfg.checkpointing_steps} steps in {output_dir / 'checkpoints'} "
+                   f"(keep {cfg.checkpoints_total_limit})" if cfg.checkpointing_steps else "no checkpoints")
+    resume_from = latest_checkpoint(output_dir) if cfg.resume and output_dir.is_dir() else None
+    if resume_from:
+        checkpoints += f", resuming from {resume_from.name}"
+    tracking = "no tracking"
+    if cfg.with_tracking:
+        where = "/".join(filter(None, (cfg.wandb_entity, cfg.wandb_project_name)))
+        tracking = f"W&B {where} ({environ.get('WANDB_MODE', 'online')})"
+    hub = "no Hub push"
+    if cfg.push_to_hub:
+        entity = cfg.hf_entity or "<HF_TOKEN's user>"
+        hub = (f"Hub push to {entity}/{repo_name(cfg)} branch {cfg.hf_repo_revision or cfg.run_name or '<run name>'} "
+               f"({'private' if cfg.hf_repo_private else 'public'})")
+    precision_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision, "fp32")
+    return (f"plan: {engine}, {precision_name}; "
+            f"{batch_size} pairs per step ({cfg.per_device_train_batch_size} per device x "
+            f"{cfg.gradient_accumulation_steps} accumulation x {world_size} process(es)), {steps}; "
+            f"{'padding-free' if cfg.padding_free else 'padded'} batches; output {output_dir}, {checkpoints}; "
+            f"{tracking}; {hub}")

@@ -15,11 +15,13 @@ from rmjob_trainer.status import StatusReporter
 
 class Recorder(http.server.BaseHTTPRequestHandler):
     requests: list[tuple[str, str, str, dict]] = []
+    authorizations: list[str | None] = []
     status_code = 200
 
     def do_PATCH(self) -> None:  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Recorder.requests.append((self.command, self.path, self.headers["Content-Type"], body))
+        Recorder.authorizations.append(self.headers.get("Authorization"))
         self.send_response(Recorder.status_code)
         self.end_headers()
         self.wfile.write(b"{}")
@@ -30,7 +32,7 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api_server() -> Iterator[str]:
-    Recorder.requests, Recorder.status_code = [], 200
+    Recorder.requests, Recorder.authorizations, Recorder.status_code = [], [], 200
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -95,3 +97,39 @@ def test_status_module_stays_light() -> None:
     import sys
     code = "import sys, rmjob_trainer.status; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_in_cluster_credentials_from_the_service_account_dir_override(
+        monkeypatch: pytest.MonkeyPatch, tmp_path, api_server: str) -> None:
+    """A pod run outside a container (hack/cluster/pod_runner.py) has its token and CA elsewhere:
+    RMJOB_SERVICE_ACCOUNT_DIR names that directory, and the reporter sends that token over TLS."""
+    import ssl
+    import subprocess
+
+    account_dir = tmp_path / "serviceaccount"
+    account_dir.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(tmp_path / "server.key"), "-out", str(account_dir / "ca.crt")],
+                   check=True, capture_output=True)
+    (account_dir / "token").write_text("pod-bound-token\n")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(account_dir / "ca.crt", tmp_path / "server.key")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("RMJOB_JOB_NAME", "rm-1")
+        monkeypatch.setenv("RMJOB_NAMESPACE", "team-a")
+        monkeypatch.delenv("RMJOB_KUBE_API", raising=False)
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.server_address[1]))
+        monkeypatch.setenv("RMJOB_SERVICE_ACCOUNT_DIR", str(account_dir))
+        reporter = StatusReporter.from_env()
+        assert reporter is not None
+        assert reporter.report({"step": 1})
+    finally:
+        server.shutdown()
+    ((_, path, _, body),) = Recorder.requests
+    assert path.endswith("/namespaces/team-a/rewardmodeljobs/rm-1/status")
+    assert Recorder.authorizations == ["Bearer pod-bound-token"]

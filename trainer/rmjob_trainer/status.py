@@ -39,8 +39,9 @@ class StatusReporter:
         """A reporter for the job named by the environment, or None outside an operator-launched job.
 
         ``RMJOB_KUBE_API`` overrides the API URL (tests, ``kubectl proxy``); otherwise the
-        in-cluster service host, token and CA are used. ``RMJOB_STATUS_INTERVAL`` sets the
-        minimum seconds between reports (default 10).
+        in-cluster service host, token and CA are used, from ``RMJOB_SERVICE_ACCOUNT_DIR`` when
+        set (a pod run outside a container, hack/cluster/pod_runner.py), else the standard
+        directory. ``RMJOB_STATUS_INTERVAL`` sets the minimum seconds between reports (default 10).
         """
         name, namespace = os.environ.get("RMJOB_JOB_NAME"), os.environ.get("RMJOB_NAMESPACE")
         if not name or not namespace:
@@ -51,7 +52,8 @@ class StatusReporter:
         if api:
             return cls(api, namespace, name, min_interval=min_interval)
         host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        token_path = os.path.join(SERVICE_ACCOUNT_DIR, "token")
+        account_dir = os.environ.get("RMJOB_SERVICE_ACCOUNT_DIR") or SERVICE_ACCOUNT_DIR
+        token_path = os.path.join(account_dir, "token")
         if not host or not os.path.exists(token_path):
             logger.warning("RMJOB_JOB_NAME is set but no Kubernetes API is reachable; status reports are off")
             return None
@@ -59,7 +61,7 @@ class StatusReporter:
             host = f"[{host}]"
         with open(token_path, encoding="utf-8") as f:
             token = f.read().strip()
-        ssl_context = ssl.create_default_context(cafile=os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"))
+        ssl_context = ssl.create_default_context(cafile=os.path.join(account_dir, "ca.crt"))
         return cls(f"https://{host}:{port}", namespace, name, token=token, ssl_context=ssl_context,
                    min_interval=min_interval)
 

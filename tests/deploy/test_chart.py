@@ -107,9 +107,9 @@ def test_namespace_scope_grants_roles_only_in_watched_namespaces(helm_template):
     roles = by_kind(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in by_kind(objects, "RoleBinding")) == ["team-a", "team-b"]
-    # Only cluster-scoped reads stay cluster-wide.
+    # Only cluster-scoped reads stay cluster-wide (kopf follows the watched namespaces).
     (cluster_role,) = by_kind(objects, "ClusterRole")
-    assert [r["resources"] for r in cluster_role["rules"]] == [["customresourcedefinitions"]]
+    assert [r["resources"] for r in cluster_role["rules"]] == [["customresourcedefinitions"], ["namespaces"]]
     assert all(rule["apiGroups"] != ["apiextensions.k8s.io"] for rule in roles[0]["rules"])
 
 
@@ -119,7 +119,7 @@ def test_watched_namespaces_get_roles_even_with_cluster_scope(helm_template):
     objects = helm_template("--set", "watchNamespaces={team-a}")
     assert [r["metadata"]["namespace"] for r in by_kind(objects, "Role")] == ["team-a"]
     (cluster_role,) = by_kind(objects, "ClusterRole")
-    assert [r["resources"] for r in cluster_role["rules"]] == [["customresourcedefinitions"]]
+    assert [r["resources"] for r in cluster_role["rules"]] == [["customresourcedefinitions"], ["namespaces"]]
 
 
 def test_namespace_scope_defaults_to_the_release_namespace(helm_template):

@@ -122,6 +122,13 @@ compares. manifests/rbac.yaml carries the same rules.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+{{- if not (include "rmjob-operator.clusterwide" .) }}
+# kopf confined to namespaces lists and watches them to follow the watched ones; refused, it
+# retries for about a minute at every start before it handles any job.
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
 {{- if and .Values.peering.enabled (include "rmjob-operator.clusterwide" .) }}
 - apiGroups: [kopf.dev]
   resources: [clusterkopfpeerings]

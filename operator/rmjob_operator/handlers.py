@@ -44,6 +44,8 @@ WORKLOAD_RESOURCES = (("batch", "jobs"), ("kubeflow.org", "pytorchjobs"))  # (gr
 
 # Between retries of a child whose name a deleted job's child still holds.
 STALE_CHILD_RETRY_SECONDS = 5.0
+# Status writes answered 409 Conflict: read the job again and retry, this many times in all.
+STATUS_CONFLICT_ATTEMPTS = 5
 
 # runPolicy fields a started workload can take in flight; any other spec change is refused.
 SAFE_FIELDS = ("suspend", "ttlSecondsAfterFinished", "activeDeadlineSeconds")
@@ -168,12 +170,21 @@ async def update_status(memo: kopf.Memo, namespace: str, name: str, compute: Cal
     the job is gone). Emits an Event when the phase changes.
     """
     async with memo.status_locks[namespace, name]:
-        owner = await memo.kube.get(object_path(API_VERSION, KIND, namespace, name))
-        if owner is None or (uid is not None and owner["metadata"].get("uid") != uid):
-            return {}
-        patch = cond.changed(owner.get("status") or {}, compute(owner))
-        if patch:
-            await memo.kube.merge_patch(status_path(namespace, name), {"status": patch})
+        for attempt in range(1, STATUS_CONFLICT_ATTEMPTS + 1):
+            owner = await memo.kube.get(object_path(API_VERSION, KIND, namespace, name))
+            if owner is None or (uid is not None and owner["metadata"].get("uid") != uid):
+                return {}
+            patch = cond.changed(owner.get("status") or {}, compute(owner))
+            if not patch:
+                break
+            try:
+                await memo.kube.merge_patch(status_path(namespace, name), {"status": patch})
+                break
+            except ApiError as e:
+                # A write racing another one: recompute from the job as it is now. Left to kopf,
+                # an event handler's write would be dropped, a change handler's retried a minute later.
+                if e.status != 409 or attempt == STATUS_CONFLICT_ATTEMPTS:
+                    raise
     if patch.get("phase"):
         phase_event(owner, patch["phase"], patch.get("message", ""))
     return patch

@@ -139,11 +139,12 @@ class OperatorIdentity:
         # Identity and permissions only: no Deployment (the test runs the process), and no
         # admission policy, which would bind cluster-wide in a cluster other tests share.
         self.objects = [d for d in docs if d["kind"] in (
-            "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
+            "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "KopfPeering")]
         kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": self.objects}))
         account = next(d for d in self.objects if d["kind"] == "ServiceAccount")["metadata"]["name"]
         self.username = f"system:serviceaccount:{self.namespace}:{account}"
         token = kubectl("create", "token", account, "-n", self.namespace, "--duration=4h").stdout.strip()
+        self.token = token
         self.kubeconfig = workdir / f"{self.release}.kubeconfig"
         cluster.token_kubeconfig(self.kubeconfig, user=account, token=token)
 
@@ -225,3 +226,27 @@ def new_namespace(kubectl, *labels: str) -> str:
         kubectl("label", "namespace", name, *labels)
     kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=60s")
     return name
+
+
+# --- the pod runner: pods of a namespace run as local processes (issue 8) --------------------
+
+def _load_pod_runner_module():
+    spec = importlib.util.spec_from_file_location("rmjob_pod_runner", REPO / "hack" / "cluster" / "pod_runner.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pod_runner_module = _load_pod_runner_module()
+
+
+@pytest.fixture
+def pod_runner(cluster, kubectl, namespace, tmp_path):
+    """A hack/cluster/pod_runner.py PodRunner on a node of its own, running every pod of the
+    test's ``namespace``; stopped (processes, node, pod directories) at the end."""
+    runner = pod_runner_module.PodRunner(cluster, f"runner-{namespace}", tmp_path / "pods")
+    with runner:
+        kubectl("annotate", "namespace", namespace,
+                *(f"{key}={value}" for key, value in runner.namespace_annotations().items()))
+        yield runner

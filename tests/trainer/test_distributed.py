@@ -5,6 +5,7 @@ the same global batch. Plus the pure pieces: data order, eval sharding, DeepSpee
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,31 @@ def test_deepspeed_json_auto_values_come_from_the_trainer_flags(tmp_path):
             config["train_batch_size"], config["gradient_clipping"]) == (2, 3, 12, 0.0)
 
 
+@pytest.mark.parametrize("keys,named", [
+    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4, "train_batch_size": 16},
+     "train_micro_batch_size_per_gpu 4 (the trainer's: --per_device_train_batch_size 1); gradient_accumulation_steps"
+     " 4 (the trainer's: --gradient_accumulation_steps 1); train_batch_size 16 (the trainer's: 1 x 1 x 2 process(es))"),
+    ({"train_batch_size": 16}, "train_batch_size 16 (the trainer's: 1 x 1 x 2 process(es))"),
+])
+def test_deepspeed_json_batch_sizes_that_disagree_with_the_flags_are_refused(tmp_path, keys, named):
+    """Otherwise DeepSpeed steps the optimizer on the JSON's schedule while the trainer counts,
+    schedules and logs steps of its own."""
+    from rmjob_trainer import ConfigError
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**keys, "zero_optimization": {"stage": 2}}))
+    cfg = RewardConfig(deepspeed=str(path))
+    with pytest.raises(ConfigError, match=rf"^DeepSpeed config {path}: ") as error:
+        build_deepspeed_config(deepspeed_settings(cfg, environ={}), cfg, world_size=2, precision=None)
+    assert named in str(error.value)
+    # The same numbers as the flags are fine (the operator's rendered JSON states them).
+    cfg = RewardConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, deepspeed=str(path))
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "train_batch_size": 16}))
+    config = build_deepspeed_config(deepspeed_settings(cfg, environ={}), cfg, world_size=2, precision=None)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (4, 2, 16)
+
+
 # --- 2-process runs -------------------------------------------------------------------------
 def _flags(model_dir, dataset_dir, output_dir, grad_accum: int) -> list[str]:
     # 101 eval pairs: not divisible by 2 processes. 40 pairs in batches of 4: 10 optimizer steps.
@@ -131,3 +157,76 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     # HF's own init would be initializer_range=0.02 (10 steps at lr 1e-3 move it little).
     std = model.score.weight.std().item()
     assert std == pytest.approx(1 / math.sqrt(base.hidden_size + 1), rel=0.25)
+
+
+# --- every rank exits -----------------------------------------------------------------------
+HANG_RUNS = {"ddp": 10, "zero2": 3, "zero3": 3}  # DDP hung in about 1 of 3 runs before the fix
+EXIT_TIMEOUT_S = 150  # a healthy run takes 15-45 s here; a hung rank never exits
+
+
+def _exits(args: list[str], output_dir: Path) -> str | None:
+    """None when the 2-process run exits 0 in time, else what went wrong. The launcher and its
+    ranks form their own process group, so a hung run is killed whole."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    with open(output_dir.parent / f"{output_dir.name}.log", "w") as log:
+        process = subprocess.Popen([*launcher, "-m", "rmjob_trainer", *args], env=ENV, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            finished = (output_dir / "metrics.json").exists()
+            return f"{output_dir.name}: no exit after {EXIT_TIMEOUT_S} s" + (" (metrics.json written)" if finished else "")
+    if returncode != 0:
+        return f"{output_dir.name}: exit status {returncode}: {(output_dir.parent / f'{output_dir.name}.log').read_text()[-2000:]}"
+    return None
+
+
+DDP_WRAPPER_LIFETIME = """
+import os, sys, weakref
+import torch, torch.distributed as dist
+from transformers import AutoTokenizer
+from rmjob_trainer.config import RewardConfig
+from rmjob_trainer.distributed import DDPEngine, Dist
+from rmjob_trainer.packing import collate_packed
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+cfg = RewardConfig(model_name_or_path=sys.argv[1])
+# world_size 2 makes the engine wrap the model in DDP (a group of one is enough to build it)
+engine = DDPEngine(cfg, AutoTokenizer.from_pretrained(sys.argv[1]), Dist(0, 2, torch.device("cpu")), 1)
+assert isinstance(engine.wrapped, torch.nn.parallel.DistributedDataParallel)
+wrapper = weakref.ref(engine.wrapped)
+rewards = engine.forward(collate_packed([[5, 6, 7], [8, 9, 10]]))  # one training step
+engine.backward(-torch.nn.functional.logsigmoid(rewards[0] - rewards[1]))
+engine.close()
+print("wrapper alive after close" if wrapper() is not None else "wrapper freed", flush=True)
+os._exit(0)  # a wrapper still alive would hang this process when freed after the group
+"""
+
+
+def test_ddp_wrapper_is_freed_by_close(tiny_model_dir, tmp_path):
+    """What lets every rank exit (see test_every_rank_exits_after_training), checked directly:
+    close() frees DDP's wrapper, and its Reducer, while the process group still exists."""
+    result = subprocess.run([sys.executable, "-c", DDP_WRAPPER_LIFETIME, str(tiny_model_dir), str(tmp_path / "pg")],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "wrapper freed"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(max(HANG_RUNS.values()) * EXIT_TIMEOUT_S + 60)  # up to EXIT_TIMEOUT_S per run: more than the suite's 600 s
+@pytest.mark.xdist_group("distributed")
+@pytest.mark.parametrize("engine", list(HANG_RUNS))
+def test_every_rank_exits_after_training(engine, tiny_model_dir, bundled_dataset_dir, tmp_path):
+    """The DDP wrapper's Reducer must be freed before the process group: freed after it, its
+    destructor waited on a gloo thread that waited for the GIL, and the rank never exited."""
+    for run in range(HANG_RUNS[engine]):
+        output_dir = tmp_path / f"run{run}"
+        args = ["--dataset_mixer", json.dumps({str(bundled_dataset_dir): 1.0}),
+                "--model_name_or_path", str(tiny_model_dir), "--sanity_check", "--sanity_check_max_samples", "8",
+                "--per_device_train_batch_size", "2", "--num_evals", "0", "--output_dir", str(output_dir)]
+        if engine != "ddp":
+            args += ["--deepspeed", str(DS_CONFIGS / f"deepspeed_{engine}.yaml")]
+        problem = _exits(args, output_dir)
+        assert problem is None, f"run {run + 1} of {HANG_RUNS[engine]}: {problem}"

@@ -11,7 +11,9 @@ these differences:
   dropped (or rejected with ``--invalid_rows error``) instead of crashing tokenization;
 * plain-string ``chosen``/``rejected`` with a ``prompt`` column, and trl's explicit-prompt
   format (``prompt`` as a message list), are accepted besides trl-style message lists;
-* a mixer value of ``1`` means the whole split (see ``cli._to_mixer``).
+* a mixer value of ``1`` means the whole split (see ``cli._to_mixer``);
+* without ``--dataset_eval_mixer`` the eval set is each training dataset's whole
+  ``--dataset_eval_splits`` split, and never its training rows (see ``eval_mixer``).
 
 Subsets are the first rows of each split, as in open-instruct (no shuffling here: the training
 loop shuffles with ``--seed``).

@@ -21,7 +21,6 @@ whose ``deepspeed_config`` section is mapped below) or, when absent, by the env 
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import socket
@@ -301,10 +300,8 @@ class DDPEngine:
     def close(self) -> None:
         """Free the DDP wrapper, and with it its Reducer, while the process group still exists.
         A Reducer freed later (when ``train()`` returns) joins a gloo worker thread that waits
-        for the GIL its destructor holds: the rank never exits. Collected here, not left to
-        reference counting, in case the wrapper sits in a reference cycle."""
+        for the GIL its destructor holds: the rank never exits."""
         self.wrapped = self.module
-        gc.collect()
 
 
 class DeepSpeedEngine:

@@ -47,6 +47,12 @@ cluster-down:
 demo: install
 	$(PY) -m rmjob_trainer.demo
 
+# The same training through the local control plane: CRD, operator and pod runner as local
+# processes, manifests/examples/cpu-local.yaml applied, `kubectl get rmj` until it finishes.
+.PHONY: demo-cluster
+demo-cluster: install
+	$(PY) hack/cluster/demo.py
+
 crd: install
 	$(PY) -m rmjob_operator.crd > manifests/crd.yaml
 	cp manifests/crd.yaml charts/rmjob-operator/crds/rewardmodeljobs.yaml

@@ -1,0 +1,584 @@
+#!/usr/bin/env python3
+"""A pod runner for the local control plane (hack/cluster/cluster.py): a stand-in kubelet that
+runs the pods bound to its node as local processes and writes their status back, so a Job's
+pods really run. Standard library only.
+
+    runner = PodRunner(cluster, node="runner-0", workdir=Path("/tmp/pods"))
+    with runner:                      # registers the node, polls for pods, heartbeats
+        kubectl annotate namespace NS <runner.namespace_annotations()>
+        ...                           # pods of NS now run here
+
+    python hack/cluster/pod_runner.py --node runner-0 --namespace NS   # same, until Ctrl-C
+
+What a pod gets (the image is ignored: every container runs in this Python environment):
+
+- **Node and placement.** The runner registers Node NAME with RUNNER_LABEL, RUNNER_TAINT and
+  the label ``kubernetes.io/hostname=NAME``, reports it Ready every HEARTBEAT_S, and deletes it
+  on stop. :meth:`PodRunner.namespace_annotations` pins a namespace's pods to this very node
+  (node selector ``RUNNER_LABEL,kubernetes.io/hostname=NAME`` plus the toleration), so two
+  runners (parallel test workers) never run each other's pods.
+- **Processes.** Each container's ``command`` + ``args`` runs once (restartPolicy Never), in a
+  session of its own (the whole process tree is stopped with it), stdout and stderr in
+  ``WORKDIR/NS/POD/logs/CONTAINER.log`` (:meth:`PodRunner.log`). ``PATH`` starts with this
+  Python's bin directory (so ``torchrun`` and ``python`` are the venv's); ``HOME`` is a per-pod
+  directory; ``HOSTNAME`` is the pod's hostname; ``KUBERNETES_SERVICE_HOST=127.0.0.1`` and
+  ``KUBERNETES_SERVICE_PORT`` name the API server, as the kubelet's service variables do.
+  Nothing else leaks from the runner's environment.
+- **Env.** ``value`` with ``$(VAR)`` expansion, ``fieldRef`` (metadata.name, namespace, uid,
+  labels['k'], annotations['k'], spec.nodeName, spec.serviceAccountName, status.podIP,
+  status.hostIP), ``secretKeyRef``, ``configMapKeyRef``.
+- **Volumes** become directories under ``WORKDIR/NS/POD/volumes/VOLUME``: emptyDir (empty),
+  configMap and secret (their keys as files, ``items`` honoured), projected (serviceAccountToken:
+  a real token from the TokenRequest API for the pod's ServiceAccount, bound to the pod;
+  configMap ``kube-root-ca.crt``'s ``ca.crt``; downwardAPI fields), hostPath (the host path
+  itself). Anything else (a PVC, ...) fails the pod with one message naming it.
+- **Container paths.** Processes share the host's filesystem, so each ``volumeMounts[].mountPath``
+  (``/etc/rmjob``, ``/output``, ``/cache``, the service-account directory, ...) is mapped to its
+  volume's directory (plus ``subPath``) and every occurrence of a mount path as a whole path
+  prefix is substituted in ``command``, ``args``, env values, ``workingDir`` and the text files
+  of the pod's configMap, secret and projected volumes (so ``output_dir: /output`` in a mounted
+  config file points at the pod's own output directory). A mount path preceded by another path
+  character (``/data/output``) is left alone. The one path read without being named anywhere,
+  the service-account directory ``/var/run/secrets/kubernetes.io/serviceaccount``, is also
+  given as ``RMJOB_SERVICE_ACCOUNT_DIR`` (the trainer's status reporter honours it).
+  ``/dev/shm`` stays the host's.
+- **Network and names.** Every pod shares the host's network: pod IP and host IP are
+  127.0.0.1, and two pods must not listen on the same port at once. The pod DNS names of the
+  namespace's headless Services, ``HOSTNAME.SERVICE`` (optionally ``.NS``, ``.NS.svc``,
+  ``.NS.svc.cluster.local``; e.g. the rendezvous host ``NAME-0.NAME`` of an Indexed Job with
+  subdomain NAME), are substituted with ``127.0.0.1`` wherever container paths are.
+- **Status.** Running (Ready, containers running, podIP 127.0.0.1) once the processes start,
+  then Succeeded when every container exits 0, else Failed, with each container's exit code
+  in ``state.terminated``. A pod being deleted has its processes stopped (SIGTERM, then
+  SIGKILL after its grace period) and is then removed, as the kubelet does. Init containers,
+  probes, resource limits, security contexts, restarts and token refresh are not emulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+HEARTBEAT_S = 10.0
+POLL_S = 0.5
+LOCALHOST = "127.0.0.1"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+DEFAULT_TOKEN_SECONDS = 3607  # what the API server's ServiceAccount admission projects
+
+
+def _cluster_module():
+    """hack/cluster/cluster.py, shared with tests/cluster/conftest.py (same module name)."""
+    name = "rmjob_local_cluster"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "cluster.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PodUnsupported(RuntimeError):
+    """Something in a pod the runner cannot emulate: the pod fails with this message."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Api:
+    """Admin requests to the local API server (the cluster's admin client certificate)."""
+
+    def __init__(self, server: str, pki: Path) -> None:
+        self.server = server
+        self.context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        self.context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+
+    def __call__(self, method: str, path: str, body: dict | None = None,
+                 content_type: str = "application/json") -> dict:
+        request = urllib.request.Request(
+            self.server + path, method=method, data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": content_type, "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=self.context) as response:
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            detail = json.loads(error.read() or b"{}").get("message", error.reason)
+            raise ApiError(error.code, f"{method} {path}: HTTP {error.code}: {detail}") from None
+
+
+# ------------------------------------------------------------------------ pure helpers
+def field_value(pod: dict, field_path: str) -> str:
+    """The downward API's value of ``field_path`` for this pod."""
+    meta, spec, status = pod["metadata"], pod["spec"], pod.get("status", {})
+    keyed = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", field_path)
+    if keyed:
+        return meta.get(keyed.group(1), {}).get(keyed.group(2), "")
+    simple = {
+        "metadata.name": meta["name"], "metadata.namespace": meta["namespace"], "metadata.uid": meta["uid"],
+        "spec.nodeName": spec.get("nodeName", ""), "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        "status.podIP": LOCALHOST, "status.hostIP": LOCALHOST,
+    }
+    if field_path not in simple:
+        raise PodUnsupported(f"downward API field {field_path!r} is not supported by the pod runner")
+    return simple[field_path]
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion: defined variables are replaced, ``$$`` escapes."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
+
+
+def make_rewriter(mounts: dict[str, str], headless_services: list[str], namespace: str):
+    """A function substituting container paths (``mounts``: mountPath -> host directory) and the
+    pod DNS names of ``headless_services`` (-> 127.0.0.1) in one string."""
+    paths = sorted((p.rstrip("/") for p in mounts if p.rstrip("/")), key=len, reverse=True)
+    host_of = {p.rstrip("/"): str(mounts[p]) for p in mounts}
+    path_re = re.compile(r"(?<![\w./-])(" + "|".join(map(re.escape, paths)) + r")(?=/|$|[^\w.-])") if paths else None
+    ns = re.escape(namespace)
+    name_re = re.compile(
+        r"(?<![\w.-])[a-z0-9](?:[-a-z0-9]*[a-z0-9])?\.(?:" + "|".join(map(re.escape, headless_services))
+        + rf")(?:\.{ns}(?:\.svc(?:\.cluster\.local)?)?)?(?![\w-]|\.\w)") if headless_services else None
+
+    def rewrite(text: str) -> str:
+        if path_re:
+            text = path_re.sub(lambda m: host_of[m.group(1)], text)
+        if name_re:
+            text = name_re.sub(LOCALHOST, text)
+        return text
+
+    return rewrite
+
+
+# ----------------------------------------------------------------------------- a pod
+class _Pod:
+    """One pod's processes and directories."""
+
+    def __init__(self, runner: PodRunner, pod: dict) -> None:
+        self.runner, self.pod = runner, pod
+        meta = pod["metadata"]
+        self.namespace, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
+        self.dir = runner.workdir / self.namespace / self.name
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.started_at: dict[str, str] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"pod-{self.namespace}/{self.name}", daemon=True)
+
+    # ---------------------------------------------------------------- preparation
+    def _volume_dirs(self) -> dict[str, Path]:
+        dirs = {}
+        for volume in self.pod["spec"].get("volumes", []):
+            name = volume["name"]
+            if "hostPath" in volume:
+                path = Path(volume["hostPath"]["path"])
+                if volume["hostPath"].get("type") == "DirectoryOrCreate":
+                    path.mkdir(parents=True, exist_ok=True)
+                dirs[name] = path
+                continue
+            path = self.dir / "volumes" / name
+            path.mkdir(parents=True, exist_ok=True)
+            if "emptyDir" in volume:
+                pass
+            elif "configMap" in volume:
+                self._write_keys(path, self._config_map(volume["configMap"]), volume["configMap"].get("items"))
+            elif "secret" in volume:
+                source = {"name": volume["secret"]["secretName"], "optional": volume["secret"].get("optional")}
+                self._write_keys(path, self._secret(source), volume["secret"].get("items"))
+            elif "projected" in volume:
+                for source in volume["projected"]["sources"]:
+                    self._write_projected(path, source)
+            else:
+                kind = next((k for k in volume if k != "name"), "?")
+                raise PodUnsupported(f"volume {name!r} of type {kind} is not supported by the pod runner")
+            dirs[name] = path
+        return dirs
+
+    def _config_map(self, source: dict) -> dict[str, bytes]:
+        try:
+            found = self.runner.api("GET", f"/api/v1/namespaces/{self.namespace}/configmaps/{source['name']}")
+        except ApiError as error:
+            if error.status == 404 and source.get("optional"):
+                return {}
+            raise PodUnsupported(f"configMap {source['name']!r}: {error}") from None
+        data = {k: v.encode() for k, v in found.get("data", {}).items()}
+        data.update({k: base64.b64decode(v) for k, v in found.get("binaryData", {}).items()})
+        return data
+
+    def _secret(self, source: dict) -> dict[str, bytes]:
+        try:
+            found = self.runner.api("GET", f"/api/v1/namespaces/{self.namespace}/secrets/{source['name']}")
+        except ApiError as error:
+            if error.status == 404 and source.get("optional"):
+                return {}
+            raise PodUnsupported(f"secret {source['name']!r}: {error}") from None
+        return {k: base64.b64decode(v) for k, v in found.get("data", {}).items()}
+
+    @staticmethod
+    def _write_keys(path: Path, data: dict[str, bytes], items: list[dict] | None) -> None:
+        for key, target in ((i["key"], i["path"]) for i in items) if items else ((k, k) for k in data):
+            if key in data:
+                (path / target).parent.mkdir(parents=True, exist_ok=True)
+                (path / target).write_bytes(data[key])
+
+    def _write_projected(self, path: Path, source: dict) -> None:
+        if "serviceAccountToken" in source:
+            token = source["serviceAccountToken"]
+            (path / token["path"]).write_text(self.runner.request_token(self.pod, token))
+        elif "configMap" in source:
+            self._write_keys(path, self._config_map(source["configMap"]), source["configMap"].get("items"))
+        elif "secret" in source:
+            self._write_keys(path, self._secret(source["secret"]), source["secret"].get("items"))
+        elif "downwardAPI" in source:
+            for item in source["downwardAPI"]["items"]:
+                if "fieldRef" not in item:
+                    raise PodUnsupported(f"projected downwardAPI item {item['path']!r}: only fieldRef is supported")
+                (path / item["path"]).write_text(field_value(self.pod, item["fieldRef"]["fieldPath"]))
+        else:
+            raise PodUnsupported(f"projected source {', '.join(source)} is not supported by the pod runner")
+
+    def _env(self, container: dict) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for var in container.get("env", []):
+            if "value" in var or "valueFrom" not in var:
+                env[var["name"]] = expand(var.get("value", ""), env)
+                continue
+            source = var["valueFrom"]
+            if "fieldRef" in source:
+                env[var["name"]] = field_value(self.pod, source["fieldRef"]["fieldPath"])
+            elif "secretKeyRef" in source or "configMapKeyRef" in source:
+                ref = source.get("secretKeyRef") or source["configMapKeyRef"]
+                data = self._secret(ref) if "secretKeyRef" in source else self._config_map(ref)
+                if ref["key"] not in data:
+                    if ref.get("optional"):
+                        continue
+                    raise PodUnsupported(f"env {var['name']}: key {ref['key']!r} not in {ref['name']!r}")
+                env[var["name"]] = data[ref["key"]].decode()
+            else:
+                raise PodUnsupported(f"env {var['name']}: {', '.join(source)} is not supported by the pod runner")
+        return env
+
+    def _headless_services(self) -> list[str]:
+        services = self.runner.api("GET", f"/api/v1/namespaces/{self.namespace}/services")["items"]
+        return [s["metadata"]["name"] for s in services if s["spec"].get("clusterIP") == "None"]
+
+    def _prepare(self) -> list[tuple[str, list[str], dict[str, str], Path]]:
+        """Each container's (name, argv, env, working directory), everything materialized."""
+        spec = self.pod["spec"]
+        if spec.get("initContainers"):
+            raise PodUnsupported("init containers are not supported by the pod runner")
+        volume_dirs = self._volume_dirs()
+        home = self.dir / "home"
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        home.mkdir(parents=True, exist_ok=True)
+        services = self._headless_services()
+        prepared = []
+        for container in spec["containers"]:
+            if not container.get("command"):
+                raise PodUnsupported(f"container {container['name']!r} has no command (the image's "
+                                     "entrypoint is unknown to the pod runner)")
+            mounts = {m["mountPath"]: volume_dirs[m["name"]] / m.get("subPath", "")
+                      for m in container.get("volumeMounts", [])}
+            rewrite = make_rewriter(mounts, services, self.namespace)
+            for mount in container.get("volumeMounts", []):
+                volume = next(v for v in spec.get("volumes", []) if v["name"] == mount["name"])
+                if {"configMap", "secret", "projected"} & set(volume):
+                    _rewrite_files(volume_dirs[mount["name"]], rewrite)
+            env = {
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
+                "HOME": str(home),
+                "HOSTNAME": spec.get("hostname", self.name),
+                "KUBERNETES_SERVICE_HOST": LOCALHOST,
+                "KUBERNETES_SERVICE_PORT": self.runner.api_port,
+                "KUBERNETES_SERVICE_PORT_HTTPS": self.runner.api_port,
+            }
+            if SERVICE_ACCOUNT_DIR in mounts:
+                env["RMJOB_SERVICE_ACCOUNT_DIR"] = str(mounts[SERVICE_ACCOUNT_DIR])
+            container_env = self._env(container)
+            env.update({name: rewrite(value) for name, value in container_env.items()})
+            argv = [rewrite(expand(arg, container_env))
+                    for arg in [*container["command"], *container.get("args", [])]]
+            workdir = Path(rewrite(container["workingDir"])) if container.get("workingDir") else self.dir
+            prepared.append((container["name"], argv, env, workdir))
+        return prepared
+
+    # --------------------------------------------------------------------- running
+    def _run(self) -> None:
+        try:
+            prepared = self._prepare()
+        except (PodUnsupported, ApiError, OSError) as error:
+            self._write_status(failed_message=str(error))
+            return
+        for name, argv, env, workdir in prepared:
+            with open(self.dir / "logs" / f"{name}.log", "ab") as log:
+                try:
+                    self.processes[name] = subprocess.Popen(
+                        argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log,
+                        stderr=subprocess.STDOUT, start_new_session=True)
+                except OSError as error:
+                    self._stop_processes(0)
+                    self._write_status(failed_message=f"container {name!r}: {error}")
+                    return
+            self.started_at[name] = _now()
+        self._write_status()
+        while any(p.poll() is None for p in self.processes.values()):
+            if self.stopping.wait(POLL_S):
+                grace = self.pod["metadata"].get("deletionGracePeriodSeconds", 30)
+                self._stop_processes(grace)
+                break
+        self._write_status()
+
+    def _stop_processes(self, grace_s: float) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+
+    def _write_status(self, failed_message: str | None = None) -> None:
+        now = _now()
+        containers = self.pod["spec"]["containers"]
+        codes = {c["name"]: self.processes[c["name"]].poll() if c["name"] in self.processes else None
+                 for c in containers}
+        running = failed_message is None and any(code is None for code in codes.values())
+        if failed_message is not None:
+            phase = "Failed"
+        elif running:
+            phase = "Running"
+        else:
+            phase = "Succeeded" if all(code == 0 for code in codes.values()) else "Failed"
+        statuses = []
+        for container in containers:
+            name, code = container["name"], codes[container["name"]]
+            if name in self.processes and code is None:
+                state = {"running": {"startedAt": self.started_at[name]}}
+            elif name in self.processes:
+                state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                        "startedAt": self.started_at[name], "finishedAt": now,
+                                        "containerID": f"runner://{self.processes[name].pid}"}}
+            else:
+                state = {"waiting": {"reason": "RunnerUnsupported", "message": failed_message}}
+            statuses.append({"name": name, "image": container.get("image", ""), "imageID": "",
+                             "containerID": f"runner://{self.processes[name].pid}" if name in self.processes else "",
+                             "ready": code is None and name in self.processes, "started": code is None,
+                             "restartCount": 0, "state": state})
+        ready = "True" if running else "False"
+        conditions = [{"type": kind, "status": status, "lastTransitionTime": now}
+                      for kind, status in (("PodReadyToStartContainers", "True"), ("Initialized", "True"),
+                                           ("Ready", ready), ("ContainersReady", ready), ("PodScheduled", "True"))]
+        status = {"phase": phase, "conditions": conditions, "containerStatuses": statuses,
+                  "hostIP": LOCALHOST, "hostIPs": [{"ip": LOCALHOST}], "podIP": LOCALHOST,
+                  "podIPs": [{"ip": LOCALHOST}], "startTime": self.pod.get("status", {}).get("startTime", now)}
+        if failed_message is not None:
+            status.update(reason="RunnerUnsupported", message=failed_message)
+        self.runner.patch_pod_status(self.namespace, self.name, status)
+
+
+def _rewrite_files(directory: Path, rewrite) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            try:
+                text = path.read_text()
+            except UnicodeDecodeError:
+                continue  # binary data: no paths to rewrite
+            if (new := rewrite(text)) != text:
+                path.write_text(new)
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# ------------------------------------------------------------------------- the runner
+class PodRunner:
+    """Runs the pods bound to Node ``node`` of ``cluster`` (a cluster.py Cluster, or anything with
+    ``server`` and ``pki``) under ``workdir``."""
+
+    def __init__(self, cluster, node: str, workdir: Path) -> None:
+        self.api = Api(cluster.server, Path(cluster.pki))
+        self.api_port = str(urllib.parse.urlsplit(cluster.server).port)
+        self.node = node
+        self.workdir = Path(workdir)
+        self._pods: dict[str, _Pod] = {}  # by uid
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"pod-runner-{node}", daemon=True)
+        self.errors: list[str] = []  # API failures of the loop, for a test's failure message
+
+    def __enter__(self) -> PodRunner:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def namespace_annotations(self) -> dict[str, str]:
+        """Annotations that send every pod of a namespace to this runner's node."""
+        cluster = _cluster_module()
+        annotations = dict(cluster.RUNNER_NAMESPACE_ANNOTATIONS)
+        annotations["scheduler.alpha.kubernetes.io/node-selector"] = (
+            f"{'='.join(cluster.RUNNER_LABEL)},{HOSTNAME_LABEL}={self.node}")
+        return annotations
+
+    def start(self) -> None:
+        cluster = _cluster_module()
+        key, value = cluster.RUNNER_LABEL
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.api("POST", "/api/v1/nodes", {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.node, "labels": {key: value, HOSTNAME_LABEL: self.node,
+                                                       "kubernetes.io/os": "linux"}},
+            "spec": {"taints": [cluster.RUNNER_TAINT]},
+            "status": self._node_status(),
+        })
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops every process, deletes the node and the working directory."""
+        self._stop.set()
+        self._thread.join(timeout=60)
+        for pod in list(self._pods.values()):
+            pod.stopping.set()
+        for pod in list(self._pods.values()):
+            pod.thread.join(timeout=60)
+        try:
+            self.api("DELETE", f"/api/v1/nodes/{self.node}")
+        except (ApiError, OSError):
+            pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log(self, namespace: str, pod: str, container: str) -> str:
+        path = self.workdir / namespace / pod / "logs" / f"{container}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _node_status(self) -> dict:
+        now = _now()
+        capacity = {"cpu": str(os.cpu_count() or 1), "memory": "64Gi", "pods": "110"}
+        return {
+            "capacity": capacity, "allocatable": capacity,
+            "addresses": [{"type": "InternalIP", "address": LOCALHOST}, {"type": "Hostname", "address": self.node}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "PodRunnerReady",
+                            "message": "hack/cluster/pod_runner.py runs this node's pods",
+                            "lastHeartbeatTime": now, "lastTransitionTime": now}],
+        }
+
+    def request_token(self, pod: dict, source: dict) -> str:
+        """A TokenRequest for the pod's ServiceAccount, bound to the pod (what the kubelet does)."""
+        meta = pod["metadata"]
+        account = pod["spec"].get("serviceAccountName") or "default"
+        spec = {"expirationSeconds": source.get("expirationSeconds", DEFAULT_TOKEN_SECONDS),
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}}
+        if source.get("audience"):
+            spec["audiences"] = [source["audience"]]
+        response = self.api("POST", f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token",
+                            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+        return response["status"]["token"]
+
+    def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
+        try:
+            self.api("PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}/status", {"status": status},
+                     content_type="application/merge-patch+json")
+        except (ApiError, OSError) as error:
+            if not (isinstance(error, ApiError) and error.status == 404):  # deleted meanwhile
+                self.errors.append(str(error))
+
+    def _loop(self) -> None:
+        last_heartbeat = time.monotonic()
+        selector = urllib.parse.quote(f"spec.nodeName={self.node}")
+        while not self._stop.wait(POLL_S):
+            try:
+                if time.monotonic() - last_heartbeat >= HEARTBEAT_S:
+                    self.api("PATCH", f"/api/v1/nodes/{self.node}/status", {"status": self._node_status()},
+                             content_type="application/merge-patch+json")
+                    last_heartbeat = time.monotonic()
+                pods = self.api("GET", f"/api/v1/pods?fieldSelector={selector}")["items"]
+            except (ApiError, OSError) as error:
+                self.errors.append(str(error))
+                continue
+            for pod in pods:
+                self._sync(pod)
+
+    def _sync(self, pod: dict) -> None:
+        meta = pod["metadata"]
+        known = self._pods.get(meta["uid"])
+        if meta.get("deletionTimestamp"):
+            if known:
+                known.pod = pod
+                known.stopping.set()
+                if known.thread.is_alive():
+                    return
+            # Containers stopped (or never started): the kubelet's final delete.
+            try:
+                self.api("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                         {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                          "preconditions": {"uid": meta["uid"]}})
+            except ApiError as error:
+                if error.status not in (404, 409):
+                    self.errors.append(str(error))
+            return
+        if known or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            return
+        self._pods[meta["uid"]] = runner_pod = _Pod(self, pod)
+        runner_pod.thread.start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--node", default="runner-0", help="name of the Node to register (default runner-0)")
+    parser.add_argument("--namespace", action="append", default=[],
+                        help="annotate this namespace so its pods run here (repeatable)")
+    parser.add_argument("--dir", type=Path, default=_cluster_module().DEFAULT_DIR,
+                        help="the cluster's state directory (default .cluster/)")
+    parser.add_argument("--workdir", type=Path, default=None, help="pod directories (default DIR/pods/NODE)")
+    args = parser.parse_args(argv)
+    cluster = _cluster_module().Cluster(args.dir)
+    runner = PodRunner(cluster, args.node, args.workdir or cluster.dir / "pods" / args.node)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        runner.start()
+        for namespace in args.namespace:
+            runner.api("PATCH", f"/api/v1/namespaces/{namespace}",
+                       {"metadata": {"annotations": runner.namespace_annotations()}},
+                       content_type="application/merge-patch+json")
+    except (ApiError, OSError, _cluster_module().ClusterError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"pod runner: node {args.node} runs its pods under {runner.workdir}; Ctrl-C stops it")
+    stop.wait()
+    runner.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""hack/cluster/pod_runner.py: pods bound to the runner's node run as local processes, with
+their env, volumes, mapped container paths and a real service-account token, and the API
+server sees their status."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+
+import pytest
+
+from conftest import pod_runner_module
+
+# What each pod prints: downward API fields, $(VAR) expansion, the rendezvous name, a mounted
+# ConfigMap (naming another mount's path), and who the API server says its token belongs to.
+SCRIPT = textwrap.dedent("""\
+    import json, os, ssl, urllib.request
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+    token = open(sa + "/token").read()
+    context = ssl.create_default_context(cafile=sa + "/ca.crt")
+    request = urllib.request.Request(
+        "https://%s:%s/apis/authentication.k8s.io/v1/selfsubjectreviews"
+        % (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]),
+        data=json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}).encode(),
+        headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"}, method="POST")
+    user = json.load(urllib.request.urlopen(request, context=context))["status"]["userInfo"]
+    out = open("/etc/demo/settings").read().split("=", 1)[1].strip()
+    os.makedirs(out, exist_ok=True)
+    with open(out + "/index", "w") as f:
+        f.write(os.environ["INDEX"])
+    print(json.dumps({"env": {k: os.environ[k] for k in ("POD", "INDEX", "NS", "GREETING", "PEER")},
+                      "namespace_file": open(sa + "/namespace").read(), "user": user,
+                      "out": out, "written": open(out + "/index").read()}))
+    """)
+
+
+def indexed_job(namespace: str) -> list[dict]:
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": namespace},
+              "data": {"settings": "output=/work/out\n", "script.py": SCRIPT}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": namespace},
+               "spec": {"clusterIP": "None", "selector": {"app": "echo"}, "ports": [{"port": 29500}]}}
+    field = lambda path: {"valueFrom": {"fieldRef": {"fieldPath": path}}}  # noqa: E731
+    job = {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "echo", "namespace": namespace},
+        "spec": {
+            "completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": {"app": "echo"}},
+                "spec": {
+                    "restartPolicy": "Never", "subdomain": "echo",
+                    "containers": [{
+                        "name": "main", "image": "python:3.11", "command": ["python"],
+                        "args": ["/etc/demo/script.py"],
+                        "env": [
+                            {"name": "POD", **field("metadata.name")},
+                            {"name": "INDEX", **field("metadata.annotations['batch.kubernetes.io/job-completion-index']")},
+                            {"name": "NS", **field("metadata.namespace")},
+                            {"name": "GREETING", "value": "hello $(POD)"},
+                            {"name": "PEER", "value": "echo-0.echo:29500"},
+                        ],
+                        "volumeMounts": [{"name": "settings", "mountPath": "/etc/demo"},
+                                         {"name": "work", "mountPath": "/work"}],
+                    }],
+                    "volumes": [{"name": "settings", "configMap": {"name": "settings"}},
+                                {"name": "work", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+    return [config, service, job]
+
+
+def get_json(kubectl, *args: str) -> dict:
+    return json.loads(kubectl("get", *args, "-o", "json").stdout)
+
+
+def wait_for_job(kubectl, namespace: str, name: str, timeout: float) -> str:
+    """The Job's terminal condition (Complete or Failed), or "still running" after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conditions = get_json(kubectl, f"job/{name}", "-n", namespace).get("status", {}).get("conditions", [])
+        done = [c["type"] for c in conditions if c["type"] in ("Complete", "Failed") and c["status"] == "True"]
+        if done:
+            return done[0]
+        time.sleep(1)
+    return f"still running after {timeout:.0f}s"
+
+
+def pod_log(runner, namespace: str, pod: str) -> str:
+    return runner.log(namespace, pod, "main")
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_indexed_job_pods_run_with_their_env_volumes_and_token(kubectl, namespace, pod_runner):
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                  "items": indexed_job(namespace)}))
+    finished = wait_for_job(kubectl, namespace, "echo", timeout=180)
+    pods = get_json(kubectl, "pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=echo")["items"]
+    logs = {p["metadata"]["name"]: pod_log(pod_runner, namespace, p["metadata"]["name"]) for p in pods}
+    assert finished == "Complete", f"job {finished}\nlogs: {logs}\nrunner errors: {pod_runner.errors}"
+
+    assert len(pods) == 2
+    for pod in pods:
+        name, index = pod["metadata"]["name"], pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+        assert pod["spec"]["nodeName"] == pod_runner.node
+        status = pod["status"]
+        assert (status["phase"], status["podIP"], status["hostIP"]) == ("Succeeded", "127.0.0.1", "127.0.0.1")
+        (container,) = status["containerStatuses"]
+        assert container["state"]["terminated"]["exitCode"] == 0
+        assert container["state"]["terminated"]["reason"] == "Completed"
+
+        printed = json.loads(logs[name].strip().splitlines()[-1])
+        assert printed["env"] == {"POD": name, "INDEX": index, "NS": namespace, "GREETING": f"hello {name}",
+                                  "PEER": "127.0.0.1:29500"}
+        assert printed["namespace_file"] == namespace
+        # The mounted ConfigMap's /work/out became this pod's own emptyDir, which it wrote.
+        assert printed["out"].startswith(str(pod_runner.workdir / namespace / name))
+        assert printed["written"] == index
+        # A real token for the pod's ServiceAccount, bound to this very pod.
+        assert printed["user"]["username"] == f"system:serviceaccount:{namespace}:default"
+        assert printed["user"]["extra"]["authentication.kubernetes.io/pod-name"] == [name]
+        assert printed["user"]["extra"]["authentication.kubernetes.io/pod-uid"] == [pod["metadata"]["uid"]]
+    assert get_json(kubectl, "job/echo", "-n", namespace)["status"]["succeeded"] == 2
+    assert pod_runner.errors == []
+
+
+def bare_pod(namespace: str, name: str, command: list[str], **spec) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"restartPolicy": "Never",
+                     "containers": [{"name": "main", "image": "busybox:1.37", "command": command}], **spec}}
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_exit_codes_and_unsupported_volumes_fail_the_pod(kubectl, namespace, pod_runner):
+    nfs = {"volumes": [{"name": "data", "nfs": {"server": "nfs.example", "path": "/"}}]}
+    pods = [bare_pod(namespace, "exits-3", ["sh", "-c", "exit 3"]),
+            bare_pod(namespace, "needs-nfs", ["true"], **nfs)]
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": pods}))
+    for name in ("exits-3", "needs-nfs"):
+        kubectl("wait", "--for=jsonpath={.status.phase}=Failed", f"pod/{name}", "-n", namespace, "--timeout=120s")
+
+    exited = get_json(kubectl, "pod/exits-3", "-n", namespace)["status"]
+    assert exited["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
+    assert exited["containerStatuses"][0]["state"]["terminated"]["reason"] == "Error"
+    refused = get_json(kubectl, "pod/needs-nfs", "-n", namespace)["status"]
+    assert refused["message"] == "volume 'data' of type nfs is not supported by the pod runner"
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_deleting_a_running_pod_stops_its_process(kubectl, namespace, pod_runner, tmp_path):
+    marker = tmp_path / "stopped"
+    # The shell's trap runs on the runner's SIGTERM, as a container's would on the kubelet's.
+    kubectl("apply", "-f", "-", input=json.dumps(bare_pod(
+        namespace, "sleeper", ["sh", "-c", f"trap 'touch {marker}; exit 0' TERM; while true; do sleep 0.2; done"],
+        terminationGracePeriodSeconds=10)))
+    kubectl("wait", "--for=jsonpath={.status.phase}=Running", "pod/sleeper", "-n", namespace, "--timeout=120s")
+    kubectl("delete", "pod", "sleeper", "-n", namespace, "--timeout=60s")
+    assert marker.exists()
+
+
+def test_container_paths_and_rendezvous_names_are_rewritten_as_whole_names():
+    rewrite = pod_runner_module.make_rewriter(
+        {"/output": "/tmp/p/volumes/out", "/etc/rmjob/": "/tmp/p/volumes/config", "/etc": "/tmp/p/volumes/etc"},
+        ["rm-a"], "team")
+    assert rewrite("output_dir: /output") == "output_dir: /tmp/p/volumes/out"
+    assert rewrite("--config=/etc/rmjob/trainer.yaml") == "--config=/tmp/p/volumes/config/trainer.yaml"
+    assert rewrite("/etc/hosts") == "/tmp/p/volumes/etc/hosts"  # the longest mount path wins
+    # Not a mount path: another directory's /output, or /output as a name's prefix.
+    assert rewrite("/data/output /outputs ./output") == "/data/output /outputs ./output"
+    assert rewrite("rm-a-0.rm-a:29500 rm-a-1.rm-a.team.svc.cluster.local") == "127.0.0.1:29500 127.0.0.1"
+    # Another Service's pods, and names that merely start like the Service's, stay as they are.
+    assert rewrite("x-0.other rm-a-0.rm-ab rm-a-0.rm-a.example.com") == "x-0.other rm-a-0.rm-ab rm-a-0.rm-a.example.com"
+
+
+def test_downward_api_fields_and_env_expansion():
+    pod = {"metadata": {"name": "p", "namespace": "n", "uid": "u", "annotations": {"a/b": "1"}},
+           "spec": {"nodeName": "runner-0"}}
+    assert pod_runner_module.field_value(pod, "metadata.annotations['a/b']") == "1"
+    assert pod_runner_module.field_value(pod, "metadata.labels['missing']") == ""
+    assert pod_runner_module.field_value(pod, "spec.nodeName") == "runner-0"
+    with pytest.raises(pod_runner_module.PodUnsupported, match="status.podIPs"):
+        pod_runner_module.field_value(pod, "status.podIPs")
+    assert pod_runner_module.expand("$(A)-$(B)-$$(A)", {"A": "x"}) == "x-$(B)-$(A)"

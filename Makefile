@@ -66,3 +66,9 @@ e2e: install
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info
+
+# The operator and trainer images (CPU variant) with podman on a debootstrapped Debian base;
+# installs podman, buildah and debootstrap when missing. Details: docs/deploy.md, "Images".
+.PHONY: images
+images:
+	hack/images/build.sh

@@ -1,14 +1,23 @@
-"""images/: both Dockerfiles lint clean, and the operator image's install is really torch-free."""
+"""images/: both Dockerfiles lint clean, the operator image's install is really torch-free, and
+(marker ``images``) both images build with podman and run: the operator reconciles a job and
+answers liveness, the trainer trains the tiny model, both as uid 10001 writing only their volumes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import venv
+from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from conftest import REPO, run
@@ -95,3 +104,231 @@ def test_operator_image_install_has_no_torch(tmp_path):
                                text=True, check=True).stdout.lower()
     assert "kopf==" in installed and "pydantic==" in installed
     assert not re.search(r"^(torch|transformers|deepspeed)==", installed, re.M)
+
+
+
+def test_python_base_stand_in_is_hadolint_clean():
+    run(HADOLINT, "--no-color", REPO / "hack" / "images" / "python-base.Containerfile")
+
+
+# --- the built images: hack/images/build.sh, then runs with `buildah run` -------------------
+# podman builds the Dockerfiles on a debootstrapped Debian base (the trainer as its CPU
+# variant). `podman run` cannot start containers in every sandbox, so the images run through
+# `buildah run --isolation chroot`: the image's entrypoint, user and working directory, the
+# host's network (hence 127.0.0.1 everywhere), volumes like a pod's.
+
+BUILD_SCRIPT = REPO / "hack" / "images" / "build.sh"
+OPERATOR_IMAGE = "localhost/rmjob-operator:dev"
+TRAINER_IMAGE = "localhost/rmjob-trainer:dev-cpu"
+IMAGE_UID = 10001
+# A cold trainer build downloads ~3.5 GB of torch and CUDA wheels; a cached one takes seconds.
+BUILD_TIMEOUT = 3600
+
+
+def _why_no_container_tools() -> str | None:
+    if shutil.which("podman") and shutil.which("buildah"):
+        return None
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        return None  # build.sh installs them
+    return "podman/buildah missing and not installable here (needs root and apt-get); CI is not set"
+
+
+def build(*targets: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([BUILD_SCRIPT, *targets], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=BUILD_TIMEOUT)
+
+
+def built(target: str, image: str) -> str:
+    if (reason := _why_no_container_tools()) and not os.environ.get("CI"):
+        pytest.skip(reason)
+    result = build(target)
+    if result.returncode != 0:
+        pytest.fail(f"hack/images/build.sh {target} exited {result.returncode}:\n"
+                    f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return image
+
+
+@pytest.fixture(scope="session")
+def operator_image() -> str:
+    return built("operator", OPERATOR_IMAGE)
+
+
+@pytest.fixture(scope="session")
+def trainer_image() -> str:
+    return built("trainer", TRAINER_IMAGE)
+
+
+def entrypoint(image: str) -> list[str]:
+    return json.loads(run("podman", "image", "inspect", "--format", "{{json .Config.Entrypoint}}", image).stdout)
+
+
+@contextlib.contextmanager
+def working_container(image: str) -> Iterator[str]:
+    name = run("buildah", "from", "--pull=never", "--quiet", image).stdout.strip()
+    try:
+        yield name
+    finally:
+        subprocess.run(["buildah", "rm", name], capture_output=True)
+
+
+def buildah_run_argv(container: str, *argv: str, volumes: dict[str, Path] = {},
+                     env: dict[str, str] = {}) -> list[str]:
+    mounts = [arg for target, host in volumes.items() for arg in ("-v", f"{host}:{target}")]
+    env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+    return ["buildah", "run", "--isolation", "chroot", *mounts, *env_args, container, "--", *argv]
+
+
+def buildah_run(container: str, *argv: str, volumes: dict[str, Path] = {}, env: dict[str, str] = {},
+                timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(buildah_run_argv(container, *argv, volumes=volumes, env=env),
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} exited {result.returncode} in the container:\n"
+                    f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def written_outside(container: str, allowed: tuple[str, ...]) -> list[str]:
+    """What the container changed in its own filesystem outside ``allowed``.
+
+    Writes into volumes do not show; a volume's mount point does when the runtime had to create
+    it, so ``allowed`` names the volumes too. A directory shows as changed ("C") when something
+    below it changed: only leaves count.
+    """
+    paths = [line.split(" ", 1)[1] for line in run("podman", "diff", container).stdout.splitlines()]
+    leaves = [p for p in paths if not any(other.startswith(p + "/") for other in paths)]
+    return [p for p in leaves if not any(p == a or p.startswith(a + "/") for a in allowed)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def volume_dir(path: Path) -> Path:
+    # What fsGroup does for a pod's volumes: writable by the image's user, whoever runs the test.
+    path.mkdir()
+    path.chmod(0o777)
+    return path
+
+
+@pytest.mark.images
+@pytest.mark.xdist_group("images")
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_a_broken_dockerfile_fails_the_build(operator_image, tmp_path):
+    broken = tmp_path / "images" / "operator" / "Dockerfile"
+    broken.parent.mkdir(parents=True)
+    dockerfile = (IMAGES / "operator" / "Dockerfile").read_text()
+    assert "pip wheel --wheel-dir" in dockerfile
+    broken.write_text(dockerfile.replace("pip wheel --wheel-dir", "pip wheel --no-such-option --wheel-dir"))
+
+    result = build("operator", IMAGES_DIR=str(broken.parents[1]), IMAGE_TAG="broken-test")
+
+    assert result.returncode != 0
+    assert "no such option: --no-such-option" in result.stdout + result.stderr
+    assert f"building operator ({broken}) failed" in result.stderr
+    assert subprocess.run(["podman", "image", "exists", "localhost/rmjob-operator:broken-test"]).returncode == 1
+
+
+@pytest.mark.images
+@pytest.mark.xdist_group("images")
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_build_script_names_an_unknown_image(tmp_path):
+    result = build("operatr")
+    assert result.returncode != 0
+    assert result.stderr.strip() == "hack/images/build.sh: unknown image 'operatr' (expected operator or trainer)"
+
+
+@pytest.mark.images
+@pytest.mark.xdist_group("images")
+@pytest.mark.timeout(BUILD_TIMEOUT)
+async def test_operator_image_reconciles_a_job_and_serves_liveness(operator_image, monkeypatch, tmp_path):
+    """The image's entrypoint against an emulated API server (KMock, as in tests/operator),
+    with the chart's arguments but the test's namespace and a 127.0.0.1 liveness port."""
+    sys.path.insert(0, str(REPO / "tests" / "operator"))
+    from kmock_cluster import CONFIGMAPS, JOBS, NAMESPACE, Cluster, api, emulated_cluster, new_job, \
+        phase_is, rmj_path, wait_for
+
+    liveness = f"http://127.0.0.1:{free_port()}/healthz"
+    async with emulated_cluster(Cluster, monkeypatch, tmp_path) as cluster:
+        await api(cluster, "post", "/api/v1/namespaces",
+                  {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+        with working_container(operator_image) as container:
+            volumes = {"/etc/rmjob/kubeconfig": Path(os.environ["KUBECONFIG"])}
+            argv = buildah_run_argv(
+                container, *entrypoint(operator_image), "--namespace", NAMESPACE, f"--liveness={liveness}",
+                volumes=volumes, env={"KUBECONFIG": "/etc/rmjob/kubeconfig"},
+            )
+            # The API server runs in this test's event loop: only an asyncio subprocess leaves it serving.
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.STDOUT)
+            try:
+                await api(cluster, "post", rmj_path(), new_job())
+                await wait_for(phase_is(cluster, "Pending"), timeout=60, message="phase Pending")
+                assert cluster.get(CONFIGMAPS, "rm-test-config") and cluster.get(JOBS, "rm-test")
+                async with aiohttp.ClientSession() as session, session.get(liveness) as resp:
+                    assert resp.status == 200
+            finally:
+                proc.terminate()
+                logs = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
+                print(logs)  # shown by pytest if the test fails
+            assert buildah_run(container, "id", "-u").stdout.strip() == str(IMAGE_UID)
+            # The chart runs the operator with a read-only root filesystem and an emptyDir at /tmp.
+            assert written_outside(container, allowed=("/tmp", *volumes)) == []
+    records = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert "created Job rm-test" in [record["message"] for record in records]
+
+
+@pytest.mark.images
+@pytest.mark.xdist_group("images")
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_trainer_image_trains_the_tiny_model_as_its_user_writing_only_its_volumes(trainer_image, tmp_path):
+    """torchrun (the image's entrypoint) trains a tiny random-init model on the bundled data,
+    found through the installed package, to the same bar as tests/trainer/test_train.py."""
+    volumes = {"/output": volume_dir(tmp_path / "output"), "/cache": volume_dir(tmp_path / "cache")}
+    env = {"HF_HUB_OFFLINE": "1"}
+    with working_container(trainer_image) as container:
+        buildah_run(container, "python", "-c",
+                    "from rmjob_trainer.tiny import build_tiny_model; build_tiny_model('/cache/tiny-base')",
+                    volumes=volumes, env=env)
+        dataset = buildah_run(container, "python", "-c",
+                              "from rmjob_trainer.tiny import BUNDLED_DATASET_DIR; print(BUNDLED_DATASET_DIR)",
+                              volumes=volumes, env=env).stdout.strip()
+        buildah_run(
+            container, *entrypoint(trainer_image), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "-m", "rmjob_trainer",
+            "--dataset_mixer", json.dumps({dataset: 1.0}), "--model_name_or_path", "/cache/tiny-base",
+            "--sanity_check", "--sanity_check_max_samples", "200", "--learning_rate", "2e-3",
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "50",
+            "--num_train_epochs", "2", "--num_evals", "2", "--output_dir", "/output/rm",
+            volumes=volumes, env=env,
+        )
+        assert written_outside(container, allowed=tuple(volumes)) == []
+
+    model_dir = tmp_path / "output" / "rm"
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["eval/rm/accuracy"] >= 0.9
+    assert {path.stat().st_uid for path in (tmp_path / "output").rglob("*")} == {IMAGE_UID}
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        rewards = model(**tokenizer(["a wonderful, moving film"], return_tensors="pt")).logits
+    assert rewards.shape == (1, 1) and torch.isfinite(rewards).all()
+
+
+@pytest.mark.images
+@pytest.mark.xdist_group("images")
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_trainer_image_refuses_an_unknown_variant(trainer_image):
+    result = subprocess.run(
+        ["podman", "build", "--isolation", "chroot", "--format", "docker", "-f", IMAGES / "trainer" / "Dockerfile",
+         "--build-arg", "BASE_IMAGE=localhost/debian:bookworm", "--build-arg", "VARIANT=gpu", REPO],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0
+    assert "VARIANT must be cuda or cpu, got 'gpu'" in result.stdout + result.stderr

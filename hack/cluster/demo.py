@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """``make demo-cluster``: a RewardModelJob trained through a local Kubernetes control plane.
 
-Starts the control plane (hack/cluster/cluster.py; left running, ``make cluster-down`` stops
-it), installs the CRD, runs the operator (``python -m rmjob_operator``) and a pod runner
+Starts the control plane (hack/cluster/cluster.py) unless it is running, installs the CRD, runs the operator (``python -m rmjob_operator``) and a pod runner
 (hack/cluster/pod_runner.py) as local processes, puts a tiny model and the bundled data where
 manifests/examples/cpu-local.yaml expects them (/tmp/rmjob-cpu-local), applies that example in
 namespace ``rmjob-demo``, shows ``kubectl get rmj`` until the job finishes and prints its status.
+Then it deletes that namespace and stops the control plane if it started it (a cluster that
+was already running, e.g. from ``make cluster-up``, is left running, without the demo's job).
 Exits 0 when the job Succeeded.
 """
 
@@ -52,19 +53,31 @@ def prepare_node_data() -> None:
 def main() -> int:
     cluster_module = pod_runner._cluster_module()
     cluster = cluster_module.Cluster()
-    print("starting the local control plane (make cluster-down stops it)")
+    already_running = cluster.running()
+    print("using the running local control plane" if already_running else "starting the local control plane")
     try:
-        cluster.up()
+        if not already_running:
+            cluster.up()
     except cluster_module.ClusterError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    try:
+        return run_demo(cluster)
+    finally:
+        # Leaves the cluster as it found it: tests that share a running cluster expect no jobs.
+        kubectl(cluster, "delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s", check=False)
+        if not already_running:
+            cluster.down()
+            print("local control plane stopped")
+
+
+def run_demo(cluster) -> int:
     kubectl(cluster, "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "manifests" / "crd.yaml"))
     kubectl(cluster, "wait", "--for=condition=Established", "crd/rewardmodeljobs.rmjob.dev", "--timeout=60s")
-    if kubectl(cluster, "get", "namespace", NAMESPACE, "--ignore-not-found", "-o", "name").strip():
-        kubectl(cluster, "delete", "rmj", JOB, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
-    else:
-        kubectl(cluster, "create", "namespace", NAMESPACE)
-        kubectl(cluster, "wait", "--for=create", "serviceaccount/default", "-n", NAMESPACE, "--timeout=60s")
+    # What an interrupted earlier run left behind goes first.
+    kubectl(cluster, "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=120s")
+    kubectl(cluster, "create", "namespace", NAMESPACE)
+    kubectl(cluster, "wait", "--for=create", "serviceaccount/default", "-n", NAMESPACE, "--timeout=60s")
     prepare_node_data()
 
     runner = pod_runner.PodRunner(cluster, "runner-demo", cluster.dir / "pods" / "runner-demo")

@@ -13,10 +13,12 @@ pods really run. Standard library only.
 What a pod gets (the image is ignored: every container runs in this Python environment):
 
 - **Node and placement.** The runner registers Node NAME with RUNNER_LABEL, RUNNER_TAINT and
-  the label ``kubernetes.io/hostname=NAME``, reports it Ready every HEARTBEAT_S, and deletes it
-  on stop. :meth:`PodRunner.namespace_annotations` pins a namespace's pods to this very node
-  (node selector ``RUNNER_LABEL,kubernetes.io/hostname=NAME`` plus the toleration), so two
-  runners (parallel test workers) never run each other's pods.
+  the label ``kubernetes.io/hostname=NAME``, plus a taint of its own
+  (``rmjob.dev/pod-runner-node=NAME:NoSchedule``), reports it Ready every HEARTBEAT_S, and
+  deletes it on stop. :meth:`PodRunner.namespace_annotations` pins a namespace's pods to this
+  very node (node selector ``RUNNER_LABEL,kubernetes.io/hostname=NAME`` and both tolerations),
+  so two runners (parallel test workers) never run each other's pods, and pods sent to runner
+  nodes in general (RUNNER_NAMESPACE_ANNOTATIONS alone) never land here.
 - **Processes.** Each container's ``command`` + ``args`` runs once (restartPolicy Never), in a
   session of its own (the whole process tree is stopped with it), stdout and stderr in
   ``WORKDIR/NS/POD/logs/CONTAINER.log`` (:meth:`PodRunner.log`). ``PATH`` starts with this
@@ -80,6 +82,7 @@ POLL_S = 0.5
 LOCALHOST = "127.0.0.1"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+NODE_TAINT_KEY = "rmjob.dev/pod-runner-node"
 DEFAULT_TOKEN_SECONDS = 3607  # what the API server's ServiceAccount admission projects
 
 
@@ -444,10 +447,15 @@ class PodRunner:
     def namespace_annotations(self) -> dict[str, str]:
         """Annotations that send every pod of a namespace to this runner's node."""
         cluster = _cluster_module()
-        annotations = dict(cluster.RUNNER_NAMESPACE_ANNOTATIONS)
-        annotations["scheduler.alpha.kubernetes.io/node-selector"] = (
-            f"{'='.join(cluster.RUNNER_LABEL)},{HOSTNAME_LABEL}={self.node}")
-        return annotations
+        tolerations = [{"key": taint["key"], "operator": "Equal", "value": taint["value"], "effect": taint["effect"]}
+                       for taint in self._taints()]
+        return {
+            "scheduler.alpha.kubernetes.io/node-selector": f"{'='.join(cluster.RUNNER_LABEL)},{HOSTNAME_LABEL}={self.node}",
+            "scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps(tolerations),
+        }
+
+    def _taints(self) -> list[dict]:
+        return [_cluster_module().RUNNER_TAINT, {"key": NODE_TAINT_KEY, "value": self.node, "effect": "NoSchedule"}]
 
     def start(self) -> None:
         cluster = _cluster_module()
@@ -457,7 +465,7 @@ class PodRunner:
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": self.node, "labels": {key: value, HOSTNAME_LABEL: self.node,
                                                        "kubernetes.io/os": "linux"}},
-            "spec": {"taints": [cluster.RUNNER_TAINT]},
+            "spec": {"taints": self._taints()},
             "status": self._node_status(),
         })
         self._thread.start()

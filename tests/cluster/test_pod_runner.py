@@ -185,3 +185,26 @@ def test_downward_api_fields_and_env_expansion():
     with pytest.raises(pod_runner_module.PodUnsupported, match="status.podIPs"):
         pod_runner_module.field_value(pod, "status.podIPs")
     assert pod_runner_module.expand("$(A)-$(B)-$$(A)", {"A": "x"}) == "x-$(B)-$(A)"
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_pods_sent_to_runner_nodes_in_general_stay_off_this_runners_node(kubectl, pod_runner):
+    """Another runner's namespace (RUNNER_NAMESPACE_ANNOTATIONS alone) may not borrow this node:
+    it carries a taint of its own that only its namespace_annotations() tolerate."""
+    from conftest import local_cluster
+
+    other = f"t-other-{pod_runner.node[-10:]}"
+    kubectl("create", "namespace", other)
+    try:
+        kubectl("annotate", "namespace", other,
+                *(f"{k}={v}" for k, v in local_cluster.RUNNER_NAMESPACE_ANNOTATIONS.items()))
+        kubectl("wait", "--for=create", "serviceaccount/default", "-n", other, "--timeout=60s")
+        kubectl("apply", "-f", "-", input=json.dumps(bare_pod(other, "probe", ["true"])))
+        # The scheduler's verdict: bound elsewhere (another runner's node) or unschedulable.
+        kubectl("wait", "--for=condition=PodScheduled=False", "pod/probe", "-n", other, "--timeout=60s", check=False)
+        pod = get_json(kubectl, "pod/probe", "-n", other)
+        assert [c["type"] for c in pod["status"].get("conditions", [])] == ["PodScheduled"]
+        assert pod["spec"].get("nodeName") != pod_runner.node
+    finally:
+        kubectl("delete", "namespace", other, "--wait=false", check=False)

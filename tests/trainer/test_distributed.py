@@ -5,11 +5,11 @@ the same global batch. Plus the pure pieces: data order, eval sharding, DeepSpee
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from rmjob_trainer.config import RewardConfig
@@ -165,16 +165,18 @@ EXIT_TIMEOUT_S = 150  # a healthy run takes 15-45 s here; a hung rank never exit
 
 
 def _exits(args: list[str], output_dir: Path) -> str | None:
-    """None when the 2-process run exits 0 in time, else what went wrong. The launcher and its
-    ranks form their own process group, so a hung run is killed whole."""
+    """None when the 2-process run exits 0 in time, else what went wrong. A hung run is killed
+    with its ranks (torchrun starts each rank in a session of its own)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     with open(output_dir.parent / f"{output_dir.name}.log", "w") as log:
         process = subprocess.Popen([*launcher, "-m", "rmjob_trainer", *args], env=ENV, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT)
         try:
             returncode = process.wait(timeout=EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            for rank in psutil.Process(process.pid).children(recursive=True):
+                rank.kill()
+            process.kill()
             process.wait()
             finished = (output_dir / "metrics.json").exists()
             return f"{output_dir.name}: no exit after {EXIT_TIMEOUT_S} s" + (" (metrics.json written)" if finished else "")

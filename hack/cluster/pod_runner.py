@@ -203,9 +203,7 @@ class _Pod:
                 continue
             path = self.dir / "volumes" / name
             path.mkdir(parents=True, exist_ok=True)
-            if "emptyDir" in volume:
-                pass
-            elif "configMap" in volume:
+            if "configMap" in volume:
                 self._write_keys(path, self._config_map(volume["configMap"]), volume["configMap"].get("items"))
             elif "secret" in volume:
                 source = {"name": volume["secret"]["secretName"], "optional": volume["secret"].get("optional")}
@@ -213,7 +211,7 @@ class _Pod:
             elif "projected" in volume:
                 for source in volume["projected"]["sources"]:
                     self._write_projected(path, source)
-            else:
+            elif "emptyDir" not in volume:
                 kind = next((k for k in volume if k != "name"), "?")
                 raise PodUnsupported(f"volume {name!r} of type {kind} is not supported by the pod runner")
             dirs[name] = path
@@ -380,6 +378,7 @@ class _Pod:
         statuses = []
         for container in containers:
             name, code = container["name"], codes[container["name"]]
+            running_now = name in self.processes and code is None
             if name in self.processes and code is None:
                 state = {"running": {"startedAt": self.started_at[name]}}
             elif name in self.processes:
@@ -390,7 +389,7 @@ class _Pod:
                 state = {"waiting": {"reason": "RunnerUnsupported", "message": failed_message}}
             statuses.append({"name": name, "image": container.get("image", ""), "imageID": "",
                              "containerID": f"runner://{self.processes[name].pid}" if name in self.processes else "",
-                             "ready": code is None and name in self.processes, "started": code is None,
+                             "ready": running_now, "started": running_now,
                              "restartCount": 0, "state": state})
         ready = "True" if running else "False"
         conditions = [{"type": kind, "status": status, "lastTransitionTime": now}

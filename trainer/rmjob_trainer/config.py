@@ -148,6 +148,12 @@ class RewardConfig:
     num_evals: int = field(
         default=1, metadata=_help("Evaluations spread evenly over training (0: none).", minimum=0)
     )
+    center_rewards_coefficient: Optional[float] = field(
+        default=None,
+        metadata=_help("Reward centering (TRL's option, https://huggingface.co/papers/2312.09244 Eq. 2): "
+                       "adds coefficient x mean((r_chosen + r_rejected)^2) to the loss, pulling rewards "
+                       "towards mean zero. Recommended value: 0.01 (default: off).", minimum=0),
+    )
 
     # --- run, checkpoints, outputs ----------------------------------------------------
     exp_name: str = field(default="reward_modeling", metadata=_help("Experiment name; prefix of the run name."))

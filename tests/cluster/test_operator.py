@@ -18,6 +18,8 @@ from rmj import (CHILD_KINDS, GROUP_PATH, condition, cpu_spec, get_json, get_or_
 pytestmark = pytest.mark.cluster
 
 RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
+# Keeps a deleted object in place until the test lets it go.
+HOLD = "test.rmjob.dev/hold"
 
 
 @pytest.fixture(scope="module")
@@ -187,17 +189,31 @@ def test_deleting_a_job_garbage_collects_its_children_and_pods(kubectl, ns, oper
                90, "the garbage collector to delete the children and pods", interval=1)
 
 
-def test_same_name_re_create_gets_its_own_children_and_status(kubectl, ns, operator):
-    """Delete and create again at once: the old children are still there (garbage collection is
-    asynchronous); the new job waits for them to go, then gets children of its own, and no
-    event of the old workload reaches it."""
+def test_same_name_re_create_waits_for_the_old_workload_and_ignores_its_events(kubectl, ns, operator):
+    """Delete and create again at once. The old Job is held (a finalizer of the test's) after
+    the garbage collector deleted it: the new job waits instead of failing, an event of the old
+    Job (Succeeded) does not reach it, and once the old Job is gone it gets a Job of its own."""
     old = create(kubectl, ns, "rm-again", cpu_spec())
     wait_for_phase(kubectl, ns, "rm-again", "Succeeded", operator=operator)
+    kubectl("patch", "job", "rm-again", "-n", ns, "--type=merge",
+            "-p", json.dumps({"metadata": {"finalizers": [HOLD]}}))
     old_job = get_json(kubectl, "job", "rm-again", "-n", ns)
     kubectl("delete", "rmj", "rm-again", "-n", ns, "--wait=false")
-    wait_until(lambda: get_or_none(kubectl, "rmj", "rm-again", "-n", ns) is None, 30, "the old job gone")
+    wait_until(lambda: get_json(kubectl, "job", "rm-again", "-n", ns)["metadata"].get("deletionTimestamp"), 60,
+               "the garbage collector deleting the old Job")
     new = create(kubectl, ns, "rm-again", cpu_spec(runPolicy={"suspend": True}))
     assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    try:
+        waiting = wait_until(lambda: (condition(status_of(kubectl, ns, "rm-again"), "Created") or {}).get(
+            "reason") == "WaitingForOldChildren" and status_of(kubectl, ns, "rm-again"), 60, "the new job waiting")
+        assert waiting["phase"] == "Pending"
+        # An event of the old Job, which has the new job's name but the old one's uid.
+        kubectl("annotate", "job", "rm-again", "-n", ns, "rmjob.dev/test-touch=1")
+        time.sleep(3)
+        assert status_of(kubectl, ns, "rm-again")["phase"] == "Pending", status_of(kubectl, ns, "rm-again")
+    finally:
+        kubectl("patch", "job", "rm-again", "-n", ns, "--type=json",
+                "-p", json.dumps([{"op": "remove", "path": "/metadata/finalizers"}]), check=False)
 
     def own_workload():
         job = get_or_none(kubectl, "job", "rm-again", "-n", ns)
@@ -206,7 +222,6 @@ def test_same_name_re_create_gets_its_own_children_and_status(kubectl, ns, opera
     job = wait_until(own_workload, 90, "the new job's own Job", interval=1)
     assert job["metadata"]["uid"] != old_job["metadata"]["uid"]
     assert job["spec"]["suspend"] is True
-    # Suspended: the old workload's Succeeded must not have leaked into the new job.
     status = wait_for_phase(kubectl, ns, "rm-again", "Suspended", operator=operator)
     assert condition(status, "Succeeded") is None or condition(status, "Succeeded")["status"] != "True"
     assert all(owned_by(child, new) for child in children(kubectl, ns, "rm-again").values())

@@ -80,7 +80,8 @@ def test_kubectl_get_rmj_shows_the_printer_columns(kubectl, cluster, rmj_crd, na
     assert narrow == ["NAME", "PHASE", "MODEL", "NODES", "GPUS/NODE", "STEP", "EVAL", "ACC", "AGE"]
 
 
-def test_helm_installs_upgrades_and_uninstalls_the_chart_and_its_crd(kubectl, cluster, tmp_path, namespace):
+def test_helm_installs_upgrades_and_uninstalls_the_chart_and_its_crd(kubectl, cluster, rmj_crd, tmp_path,
+                                                                     namespace):
     """The chart's CRD is created by `helm install` itself. The cluster is shared and already
     has rewardmodeljobs.rmjob.dev (which helm would skip), so the chart is copied with its CRD
     under a group of its own: the same schema and rules, judged by the API server again."""
@@ -106,6 +107,13 @@ def test_helm_installs_upgrades_and_uninstalls_the_chart_and_its_crd(kubectl, cl
         helm("install", release, str(chart), "-n", namespace, "--set", f"watchNamespaces={{{namespace}}}")
         kubectl("wait", "--for=condition=Established", f"crd/rewardmodeljobs.{group}", "--timeout=60s")
         assert get_json(kubectl, "deployment", "-n", namespace, "-l", f"app.kubernetes.io/instance={release}")["items"]
+        # The chart's admission policy (on by default) is enforced in the watched namespace.
+        host_path = invalid_specs.with_changes(invalid_specs.MINIMAL, resources={
+            "volumes": [{"name": "host", "hostPath": {"path": "/"}}]})
+        refusal = wait_until(lambda: server_verdict(cluster, namespace, rmj("rm-host", namespace, host_path)), 30,
+                             "the chart's admission policy in force")
+        assert "spec.resources.volumes must not use hostPath" in refusal, refusal
+        assert server_verdict(cluster, namespace, rmj("rm-plain", namespace, invalid_specs.MINIMAL)) is None
         helm("upgrade", release, str(chart), "-n", namespace, "--set", f"watchNamespaces={{{namespace}}}",
              "--set", "replicaCount=2", "--set", "peering.enabled=true")
         deployment = get_json(kubectl, "deployment", "-n", namespace, "-l",
@@ -117,6 +125,8 @@ def test_helm_installs_upgrades_and_uninstalls_the_chart_and_its_crd(kubectl, cl
         helm("uninstall", release, "-n", namespace)
         assert not get_json(kubectl, "deployment", "-n", namespace)["items"]
         assert not get_json(kubectl, "clusterrole", "-l", f"app.kubernetes.io/instance={release}")["items"]
+        wait_until(lambda: server_verdict(cluster, namespace, rmj("rm-host", namespace, host_path)) is None, 30,
+                   "the admission policy gone with the release")
         # Helm never deletes CRDs: the jobs outlive an uninstall.
         assert get_json(kubectl, f"crd/rewardmodeljobs.{group}")
     finally:

@@ -199,8 +199,8 @@ def test_invalid_rows_error_policy(tmp_path):
 
 
 def test_all_rows_invalid_is_an_error(tmp_path):
-    path = write_jsonl(tmp_path / "strings.jsonl", [{"chosen": "a", "rejected": "b"}])
-    with pytest.raises(DataError, match=r"no valid rows \(row 0: chosen is a plain string but the row has no 'prompt'"):
+    path = write_jsonl(tmp_path / "strings.jsonl", [{"chosen": "a", "rejected": " "}])
+    with pytest.raises(DataError, match=r"no valid rows \(row 0: rejected empty\)"):
         load_mixture({path: 1.0}, ["train"])
 
 

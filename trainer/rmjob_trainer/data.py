@@ -22,7 +22,9 @@ loop shuffles with ``--seed``).
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,6 +66,10 @@ __all__ = [
 CHOSEN_KEY = "chosen"
 REJECTED_KEY = "rejected"
 PROMPT_KEY = "prompt"
+MARGIN_KEY = "margin"
+# A plain-text pair (no chat template) keeps its strings here; its message lists stay empty.
+CHOSEN_TEXT_KEY = "chosen_text"
+REJECTED_TEXT_KEY = "rejected_text"
 INPUT_IDS_CHOSEN_KEY = "input_ids_chosen"
 INPUT_IDS_REJECTED_KEY = "input_ids_rejected"
 INPUT_IDS_PROMPT_KEY = "input_ids_prompt"
@@ -74,11 +80,16 @@ APPLY_CHAT_TEMPLATE_EXAMPLES_PER_SECOND_PER_CPU = 400
 FILTER_EXAMPLES_PER_SECOND_PER_CPU = 1130
 
 MESSAGES = List({"content": Value("string"), "role": Value("string")})
-_NORMALIZED_FEATURES = Features({CHOSEN_KEY: MESSAGES, REJECTED_KEY: MESSAGES, "__invalid__": Value("string")})
 _INVALID_KEY = "__invalid__"
+_FORMAT_KEY = "__format__"
+_NORMALIZED_FEATURES = Features({
+    CHOSEN_KEY: MESSAGES, REJECTED_KEY: MESSAGES, CHOSEN_TEXT_KEY: Value("string"),
+    REJECTED_TEXT_KEY: Value("string"), MARGIN_KEY: Value("float64"), _INVALID_KEY: Value("string"),
+    _FORMAT_KEY: Value("string"),
+})
 _MAX_REPORTED_ROWS = 20
 # Bump when the tokenization below changes, so cached results from older code are not reused.
-_TOKENIZE_VERSION = "1"
+_TOKENIZE_VERSION = "2"
 
 T = TypeVar("T", Dataset, DatasetDict)
 
@@ -161,17 +172,56 @@ def select_rows(dataset: Dataset, amount: float, where: str) -> Dataset:
     return dataset.select(range(n))
 
 
-def _as_messages(value: Any, prompt: Any) -> tuple[list[dict] | None, str]:
-    """A chosen/rejected cell -> (message list, "") or (None, why it is invalid)."""
+# Row formats, as reported on the console.
+CONVERSATIONAL = "conversational (chosen/rejected message lists)"
+EXPLICIT_PROMPT = "conversational with explicit prompt (prompt message list)"
+PROMPT_COMPLETION = "prompt string + chosen/rejected strings"
+HH_RLHF = "hh-rlhf (raw '\\n\\nHuman: ... \\n\\nAssistant: ...' strings)"
+PLAIN_TEXT = "plain text (implicit prompt, no chat template)"
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _hh_messages(value: str) -> tuple[list[dict] | None, str]:
+    """Anthropic/hh-rlhf's "\\n\\nHuman: ...\\n\\nAssistant: ..." -> messages."""
+    parts = _HH_TURN.split("\n\n" + value.lstrip())
+    if parts[0].strip():
+        return None, "has text before its first 'Human:' turn"
+    messages = [{"content": content.strip(), "role": _HH_ROLES[speaker]}
+                for speaker, content in zip(parts[1::2], parts[2::2])]
+    if messages[-1]["role"] != "assistant":
+        return None, "is an hh-rlhf conversation that does not end with an 'Assistant:' turn"
+    if not messages[-1]["content"]:
+        return None, "the last message is empty"
+    return messages, ""
+
+
+def _cell_format(value: Any, prompt: Any) -> str | None:
+    """The format a chosen/rejected cell is written in (None: not a string or a list)."""
+    if isinstance(prompt, list) and isinstance(value, (str, list)):
+        return EXPLICIT_PROMPT
+    if isinstance(value, list):
+        return CONVERSATIONAL
+    if not isinstance(value, str):
+        return None
+    if isinstance(prompt, str) and prompt.strip():
+        return PROMPT_COMPLETION
+    return HH_RLHF if re.match(r"\s*Human:", value) and _HH_TURN.search("\n\n" + value.lstrip()) else PLAIN_TEXT
+
+
+def _as_messages(value: Any, prompt: Any, form: str | None) -> tuple[list[dict] | None, str]:
+    """A chosen/rejected cell in a conversational format -> (message list, "") or (None, why
+    it is invalid)."""
     if value is None:
         return None, "missing"
     if isinstance(value, str):
         if not value.strip():
             return None, "empty"
-        if isinstance(prompt, str) and prompt.strip():
+        if form == HH_RLHF:
+            return _hh_messages(value)
+        if form == PROMPT_COMPLETION:
             return [{"content": prompt, "role": "user"}, {"content": value, "role": "assistant"}], ""
-        if not isinstance(prompt, list):
-            return None, "is a plain string but the row has no 'prompt' string or messages"
         value = [{"content": value, "role": "assistant"}]
     if not isinstance(value, list):
         return None, f"expected a list of messages or a string, got {type(value).__name__}"
@@ -192,22 +242,71 @@ def _as_messages(value: Any, prompt: Any) -> tuple[list[dict] | None, str]:
     return messages, ""
 
 
-def _normalize_batch(batch: dict[str, list], has_prompt: bool) -> dict[str, list]:
-    out: dict[str, list] = {CHOSEN_KEY: [], REJECTED_KEY: [], _INVALID_KEY: []}
+def _margin_error(margin: Any) -> str:
+    if margin is None:
+        return "margin missing"
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        return f"margin {margin!r} is not a finite number"
+    return ""
+
+
+def _normalize_row(chosen: Any, rejected: Any, prompt: Any) -> dict:
+    row = {CHOSEN_KEY: [], REJECTED_KEY: [], CHOSEN_TEXT_KEY: "", REJECTED_TEXT_KEY: "", _INVALID_KEY: "",
+           _FORMAT_KEY: ""}
+    chosen_format, rejected_format = _cell_format(chosen, prompt), _cell_format(rejected, prompt)
+    if chosen_format and rejected_format and chosen_format != rejected_format:
+        row[_INVALID_KEY] = f"mixes formats: chosen is {chosen_format}, rejected is {rejected_format}"
+        return row
+    row[_FORMAT_KEY] = chosen_format or rejected_format or ""
+    if row[_FORMAT_KEY] == PLAIN_TEXT:
+        for key, text_key, value in ((CHOSEN_KEY, CHOSEN_TEXT_KEY, chosen), (REJECTED_KEY, REJECTED_TEXT_KEY, rejected)):
+            if not isinstance(value, str) or not value.strip():
+                why = "missing" if value is None else "empty" if isinstance(value, str) else (
+                    f"expected a string like its pair, got {type(value).__name__}")
+                row[_INVALID_KEY] = f"{key} {why}"
+                return row
+            row[text_key] = value
+        return row
+    for key, value in ((CHOSEN_KEY, chosen), (REJECTED_KEY, rejected)):
+        row[key], error = _as_messages(value, prompt, row[_FORMAT_KEY])
+        if error:
+            row[_INVALID_KEY] = f"{key} {error}"
+            return row
+    return row
+
+
+def _normalize_batch(batch: dict[str, list], has_prompt: bool, has_margin: bool) -> dict[str, list]:
+    out: dict[str, list] = {key: [] for key in _NORMALIZED_FEATURES}
     for i in range(len(batch[CHOSEN_KEY])):
         prompt = batch[PROMPT_KEY][i] if has_prompt else None
-        chosen, chosen_error = _as_messages(batch[CHOSEN_KEY][i], prompt)
-        rejected, rejected_error = _as_messages(batch[REJECTED_KEY][i], prompt)
-        out[CHOSEN_KEY].append(chosen or [])
-        out[REJECTED_KEY].append(rejected or [])
-        out[_INVALID_KEY].append(
-            f"chosen {chosen_error}" if chosen_error else f"rejected {rejected_error}" if rejected_error else ""
-        )
+        row = _normalize_row(batch[CHOSEN_KEY][i], batch[REJECTED_KEY][i], prompt)
+        margin = batch[MARGIN_KEY][i] if has_margin else 0.0
+        if not row[_INVALID_KEY]:
+            row[_INVALID_KEY] = _margin_error(margin)
+        row[MARGIN_KEY] = float(margin) if not row[_INVALID_KEY] else 0.0
+        for key, value in row.items():
+            out[key].append(value)
     return out
 
 
+def _report_formats(formats: list[str], where: str) -> None:
+    """``formats``: each row's format, "" for an invalid row."""
+    first_row: dict[str, int] = {}
+    for i, form in enumerate(formats):
+        if form:
+            first_row.setdefault(form, i)
+    counts = {form: formats.count(form) for form in first_row}
+    if len(counts) == 1:
+        logger.info("%s: format %s", where, *counts)
+        return
+    logger.warning("%s: rows in %d formats: %s", where, len(counts), "; ".join(
+        f"{form}: {count} row(s), first row {first_row[form]}" for form, count in counts.items()))
+
+
 def normalize_preferences(dataset: Dataset, where: str, invalid_rows: str, num_proc: int) -> Dataset:
-    """Keep only ``chosen``/``rejected`` as message lists; report and drop (or refuse) bad rows.
+    """Keep only ``chosen``/``rejected`` as message lists (``chosen_text``/``rejected_text``
+    besides them when the dataset has plain-text rows, ``margin`` when it has that column);
+    report the formats found; report and drop (or refuse) bad rows.
 
     Row indices in reports are positions in the source split. Validation runs inside a
     (cached, parallel) ``map``; the reasons come back as a column so they can be logged here.
@@ -215,16 +314,18 @@ def normalize_preferences(dataset: Dataset, where: str, invalid_rows: str, num_p
     for column in (CHOSEN_KEY, REJECTED_KEY):
         if column not in dataset.column_names:
             raise DataError(f"{where}: missing column {column!r} (columns: {', '.join(dataset.column_names)})")
+    has_margin = MARGIN_KEY in dataset.column_names
     normalized = dataset.map(
         _normalize_batch,
         batched=True,
-        fn_kwargs={"has_prompt": PROMPT_KEY in dataset.column_names},
+        fn_kwargs={"has_prompt": PROMPT_KEY in dataset.column_names, "has_margin": has_margin},
         remove_columns=dataset.column_names,
         features=_NORMALIZED_FEATURES,
         num_proc=get_num_proc(len(dataset), num_proc, APPLY_CHAT_TEMPLATE_EXAMPLES_PER_SECOND_PER_CPU),
         desc=f"Validating {where}",
     )
     invalid = [(i, why) for i, why in enumerate(normalized[_INVALID_KEY]) if why]
+    formats = [form if not why else "" for form, why in zip(normalized[_FORMAT_KEY], normalized[_INVALID_KEY])]
     if invalid:
         details = "; ".join(f"row {i}: {why}" for i, why in invalid[:_MAX_REPORTED_ROWS])
         if len(invalid) > _MAX_REPORTED_ROWS:
@@ -236,7 +337,27 @@ def normalize_preferences(dataset: Dataset, where: str, invalid_rows: str, num_p
         logger.warning("%s: dropping %d invalid row(s): %s", where, len(invalid), details)
         bad = {i for i, _ in invalid}
         normalized = normalized.select([i for i in range(len(normalized)) if i not in bad])
-    return normalized.remove_columns(_INVALID_KEY)
+    _report_formats(formats, where)
+    unused = [_INVALID_KEY, _FORMAT_KEY]
+    if PLAIN_TEXT not in formats:
+        unused += [CHOSEN_TEXT_KEY, REJECTED_TEXT_KEY]
+    if not has_margin:
+        unused.append(MARGIN_KEY)
+    return normalized.remove_columns(unused)
+
+
+def _concatenate(parts: list[Dataset]) -> Dataset:
+    """Concatenate sources whose optional columns differ: plain-text columns default to "",
+    margins to 0."""
+    columns = {column for part in parts for column in part.column_names}
+    defaults = {CHOSEN_TEXT_KEY: "", REJECTED_TEXT_KEY: "", MARGIN_KEY: 0.0}
+    aligned = []
+    for part in parts:
+        for column in columns - set(part.column_names):
+            part = part.add_column(column, [defaults[column]] * len(part),
+                                   feature=_NORMALIZED_FEATURES[column])
+        aligned.append(part.select_columns(sorted(columns)))
+    return concatenate_datasets(aligned)
 
 
 def _per_source(splits: Sequence[str], count: int) -> list[str]:
@@ -265,7 +386,7 @@ def load_mixture(
             dataset = dataset.select(range(min(max_rows_per_source, len(dataset))))
         parts.append(normalize_preferences(dataset, where, invalid_rows, num_proc))
         logger.info("%s: %d rows", where, len(parts[-1]))
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    return parts[0] if len(parts) == 1 else _concatenate(parts)
 
 
 # --- tokenization --------------------------------------------------------------------------
@@ -314,7 +435,7 @@ class PreferenceDatasetProcessor:
         tokenizer = self.tokenizer
         tokenizer_fingerprint = self._tokenizer_fingerprint()
 
-        def tokenize_batch(batch: dict[str, list]) -> dict[str, list]:
+        def tokenize_messages(batch: dict[str, list]) -> dict[str, list]:
             prompts = [messages[:-1] for messages in batch[CHOSEN_KEY]]
             return {
                 INPUT_IDS_PROMPT_KEY: tokenizer.apply_chat_template(
@@ -322,6 +443,35 @@ class PreferenceDatasetProcessor:
                 INPUT_IDS_CHOSEN_KEY: tokenizer.apply_chat_template(batch[CHOSEN_KEY], return_dict=False),
                 INPUT_IDS_REJECTED_KEY: tokenizer.apply_chat_template(batch[REJECTED_KEY], return_dict=False),
             }
+
+        def tokenize_texts(chosen: list[str], rejected: list[str]) -> dict[str, list]:
+            """As trl tokenizes its plain-text format: the raw text, EOS appended (the reward is
+            read there), and the implicit prompt is what chosen and rejected share."""
+            eos = tokenizer.eos_token or ""
+
+            def ids(texts: list[str], end: str) -> list[list[int]]:
+                return tokenizer([t if t.endswith(end) else t + end for t in texts])["input_ids"]
+
+            prompts = [os.path.commonprefix([c, r]) for c, r in zip(chosen, rejected)]
+            return {INPUT_IDS_PROMPT_KEY: ids(prompts, ""), INPUT_IDS_CHOSEN_KEY: ids(chosen, eos),
+                    INPUT_IDS_REJECTED_KEY: ids(rejected, eos)}
+
+        def tokenize_batch(batch: dict[str, list]) -> dict[str, list]:
+            if CHOSEN_TEXT_KEY not in batch:
+                return tokenize_messages(batch)
+            text_rows = [i for i, text in enumerate(batch[CHOSEN_TEXT_KEY]) if text]
+            message_rows = [i for i, text in enumerate(batch[CHOSEN_TEXT_KEY]) if not text]
+            out: dict[str, list] = {key: [None] * len(batch[CHOSEN_KEY]) for key in TOKEN_LENGTH_FEATURES}
+            parts = [(text_rows, lambda rows: tokenize_texts([batch[CHOSEN_TEXT_KEY][i] for i in rows],
+                                                             [batch[REJECTED_TEXT_KEY][i] for i in rows])),
+                     (message_rows, lambda rows: tokenize_messages({key: [batch[key][i] for i in rows]
+                                                                    for key in (CHOSEN_KEY, REJECTED_KEY)}))]
+            for rows, tokenize_rows in parts:
+                if rows:
+                    for key, values in tokenize_rows(rows).items():
+                        for i, value in zip(rows, values):
+                            out[key][i] = value
+            return out
 
         def tokenize_split(ds: Dataset, split: str) -> Dataset:
             return ds.map(

@@ -81,18 +81,76 @@ def collate(dataset, indices: list[int], pad_token_id: int, padding_free: bool, 
 
 
 # --- metrics --------------------------------------------------------------------------------
-def pair_sums(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """[pairs, accuracy, loss, chosen, rejected, margin], summed over pairs (all-reducible)."""
+def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                center_rewards_coefficient: float | None = None) -> torch.Tensor:
+    """Each pair's loss, as TRL's RewardTrainer computes it: ``-logsigmoid(r_chosen - r_rejected
+    - margin)``, plus ``coefficient * (r_chosen + r_rejected)^2`` with centering (its batch
+    mean is TRL's ``coefficient * mean((r_chosen + r_rejected)^2)``)."""
+    difference = chosen - rejected if margin is None else chosen - rejected - margin
+    loss = -F.logsigmoid(difference)
+    if center_rewards_coefficient is not None:
+        loss = loss + center_rewards_coefficient * (chosen + rejected) ** 2
+    return loss
+
+
+NUM_SUMS = 7
+
+
+def pair_sums(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tensor | None = None,
+              margin: torch.Tensor | None = None, center_rewards_coefficient: float | None = None) -> torch.Tensor:
+    """[pairs, accuracy, loss, chosen, rejected, margin, chosen^2 + rejected^2], summed over pairs
+    (all-reducible). ``margin`` is the pair's required margin; the sixth column stays the reward
+    margin ``chosen - rejected`` (open-instruct's ``reward_margin``)."""
     weight = torch.ones_like(chosen) if weight is None else weight
-    margin = chosen - rejected
-    per_pair = torch.stack([torch.ones_like(margin), (margin > 0).float(), -F.logsigmoid(margin),
-                            chosen, rejected, margin])
+    difference = chosen - rejected
+    per_pair = torch.stack([torch.ones_like(difference), (difference > 0).float(),
+                            pair_losses(chosen, rejected, margin, center_rewards_coefficient),
+                            chosen, rejected, difference, chosen ** 2 + rejected ** 2])
     return (per_pair * weight).sum(1)
 
 
 def named_means(sums: torch.Tensor, prefix: str, names: tuple[str, ...]) -> dict[str, float]:
-    sums = all_reduce_sum(sums).tolist()
+    """Means of ``pair_sums`` columns already summed over all ranks."""
+    sums = sums.tolist()
     return {f"{prefix}{name}": value / sums[0] for name, value in zip(names, sums[1:])}
+
+
+def reward_stats(sums: torch.Tensor) -> tuple[float, float]:
+    """Mean and (population) standard deviation of all 2N rewards, chosen and rejected, from
+    ``pair_sums`` summed over all ranks: what a PPO/GRPO consumer normalizes rewards with."""
+    pairs, _, _, chosen, rejected, _, squares = sums.double().tolist()
+    mean = (chosen + rejected) / (2 * pairs)
+    return mean, math.sqrt(max(squares / (2 * pairs) - mean ** 2, 0.0))
+
+
+def margins_of(dataset) -> torch.Tensor | None:
+    """The dataset's ``margin`` column (None without one)."""
+    from rmjob_trainer.data import MARGIN_KEY
+
+    if MARGIN_KEY not in dataset.column_names:
+        return None
+    return torch.tensor(dataset[MARGIN_KEY], dtype=torch.float32)
+
+
+@torch.no_grad()
+def score(engine, dataset, tokenizer, cfg: RewardConfig, d: Dist) -> tuple[torch.Tensor, list[list]]:
+    """``pair_sums`` over the whole dataset (all ranks, summed over them), and sample rows
+    (rank 0's first pairs)."""
+    engine.train(False)
+    margins = margins_of(dataset)
+    sums, rows = torch.zeros(NUM_SUMS, device=d.device), []
+    for chunk, weight in eval_shard(len(dataset), d.rank, d.world_size, cfg.per_device_eval_batch_size):
+        chosen, rejected = engine.forward(collate(dataset, chunk, tokenizer.pad_token_id, cfg.padding_free,
+                                                  d.device)).chunk(2)
+        margin = None if margins is None else margins[chunk].to(d.device)
+        sums += pair_sums(chosen, rejected, torch.tensor(weight, device=d.device), margin,
+                          cfg.center_rewards_coefficient)
+        if d.is_main and len(rows) < NUM_SAMPLE_ROWS:
+            pairs = dataset[chunk]
+            rows += [[tokenizer.decode(c, skip_special_tokens=True), tokenizer.decode(r, skip_special_tokens=True),
+                      cr, rr] for c, r, cr, rr in zip(pairs[CHOSEN], pairs[REJECTED], chosen.tolist(), rejected.tolist())]
+    engine.train(True)
+    return all_reduce_sum(sums), rows[:NUM_SAMPLE_ROWS]
 
 
 def eval_shard(size: int, rank: int, world_size: int, batch_size: int) -> list[tuple[list[int], list[float]]]:
@@ -108,21 +166,22 @@ def eval_shard(size: int, rank: int, world_size: int, batch_size: int) -> list[t
             for chunk in (indices[start:start + batch_size] for start in range(0, per_rank, batch_size))]
 
 
-@torch.no_grad()
 def evaluate(engine, dataset, tokenizer, cfg: RewardConfig, d: Dist) -> tuple[dict, list[list]]:
     """Eval metrics over the whole eval set (all ranks), and sample rows (rank 0's first pairs)."""
-    engine.train(False)
-    sums, rows = torch.zeros(6, device=d.device), []
-    for chunk, weight in eval_shard(len(dataset), d.rank, d.world_size, cfg.per_device_eval_batch_size):
-        chosen, rejected = engine.forward(collate(dataset, chunk, tokenizer.pad_token_id, cfg.padding_free,
-                                                  d.device)).chunk(2)
-        sums += pair_sums(chosen, rejected, torch.tensor(weight, device=d.device))
-        if d.is_main and len(rows) < NUM_SAMPLE_ROWS:
-            pairs = dataset[chunk]
-            rows += [[tokenizer.decode(c, skip_special_tokens=True), tokenizer.decode(r, skip_special_tokens=True),
-                      cr, rr] for c, r, cr, rr in zip(pairs[CHOSEN], pairs[REJECTED], chosen.tolist(), rejected.tolist())]
-    engine.train(True)
-    return named_means(sums, "eval/rm/", EVAL_NAMES), rows[:NUM_SAMPLE_ROWS]
+    sums, rows = score(engine, dataset, tokenizer, cfg, d)
+    mean, std = reward_stats(sums)
+    return {**named_means(sums, "eval/rm/", EVAL_NAMES), "eval/rm/reward_mean": mean,
+            "eval/rm/reward_std": std}, rows
+
+
+def normalization_stats(engine, train_dataset, tokenizer, cfg: RewardConfig, d: Dist, final: dict) -> dict:
+    """The final model's reward mean and std on the eval set (its last evaluation), or on the
+    training set when there is no eval set; saved in ``config.json`` and ``metrics.json``."""
+    if "eval/rm/reward_mean" in final:
+        return {"reward_mean": final["eval/rm/reward_mean"], "reward_std": final["eval/rm/reward_std"],
+                "reward_normalization_dataset": "eval"}
+    mean, std = reward_stats(score(engine, train_dataset, tokenizer, cfg, d)[0])
+    return {"reward_mean": mean, "reward_std": std, "reward_normalization_dataset": "train"}
 
 
 def print_samples(rows: list[list]) -> None:
@@ -177,7 +236,8 @@ def save_checkpoint(engine, output_dir: Path, step: int, trainer_state: dict, d:
 _OPTIMIZATION_FLAGS = ("model_name_or_path", "model_revision", "dataset_mixer", "dataset_train_splits",
                        "chat_template", "max_token_length", "max_prompt_token_length", "seed",
                        "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-                       "lr_scheduler_type", "warm_up_steps", "eps", "weight_decay", "mixed_precision")
+                       "lr_scheduler_type", "warm_up_steps", "eps", "weight_decay", "mixed_precision",
+                       "center_rewards_coefficient")
 
 
 def optimization_settings(cfg: RewardConfig, world_size: int, train_pairs: int, total_episodes: int,
@@ -352,20 +412,22 @@ def train(cfg: RewardConfig) -> dict:
         run_log.log_dataset(cfg, tokenizer, train_dataset, eval_dataset, output_dir)
 
     metrics: dict = {}
+    train_margins = margins_of(train_dataset)
     engine.train()
     for step in tqdm(range(start_step, num_training_steps), initial=start_step, total=num_training_steps,
                      disable=not d.is_main, desc="train"):
-        sums = torch.zeros(6, device=d.device)
+        sums = torch.zeros(NUM_SUMS, device=d.device)
         for micro_step in range(cfg.gradient_accumulation_steps):
             indices = order.micro_batch(step, micro_step, d.rank)
             batch = collate(train_dataset, indices, tokenizer.pad_token_id, cfg.padding_free, d.device)
             chosen, rejected = engine.forward(batch).chunk(2)
-            loss = -F.logsigmoid(chosen - rejected).mean()
+            margin = None if train_margins is None else train_margins[indices].to(d.device)
+            loss = pair_losses(chosen, rejected, margin, cfg.center_rewards_coefficient).mean()
             engine.backward(loss)  # optimizer + scheduler step on the last micro-step
-            sums += pair_sums(chosen.detach(), rejected.detach())
+            sums += pair_sums(chosen.detach(), rejected.detach(), None, margin, cfg.center_rewards_coefficient)
         episode = (step + 1) * batch_size
         metrics = {"episode": episode, "epoch": episode / len(train_dataset),
-                   **named_means(sums, "train/rm/", TRAIN_NAMES), "train/rm/lr": engine.lr}
+                   **named_means(all_reduce_sum(sums), "train/rm/", TRAIN_NAMES), "train/rm/lr": engine.lr}
         if step + 1 in eval_steps:
             eval_metrics, rows = evaluate(engine, eval_dataset, tokenizer, cfg, d)
             metrics.update(eval_metrics)
@@ -382,6 +444,9 @@ def train(cfg: RewardConfig) -> dict:
             save_checkpoint(engine, output_dir, step + 1, trainer_state, d, cfg.checkpoints_total_limit)
 
     final = {"run_name": run_name, "step": num_training_steps, **metrics}  # the last step evaluated
+    final.update(normalization_stats(engine, train_dataset, tokenizer, cfg, d, final))
+    for key in ("reward_mean", "reward_std", "reward_normalization_dataset"):
+        setattr(engine.hf_model.config, key, final[key])  # saved in config.json with the model
     final = write_outputs(engine, tokenizer, cfg, output_dir, final, run_log, d)
     engine.close()
     leave_distributed()

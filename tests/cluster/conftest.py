@@ -202,13 +202,15 @@ def operator_identity(cluster, kubectl, rmj_crd, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def start_operator(operator_identity, tmp_path_factory):
-    """``start_operator(namespaces, *args, identity=None)``: a started OperatorProcess watching
-    ``namespaces`` as ``identity`` (default: the chart's ClusterRole); all stopped at the end."""
+    """``start_operator(namespaces, *args, identity=None, kubeconfig=None)``: a started
+    OperatorProcess watching ``namespaces`` as ``identity`` (default: the chart's ClusterRole),
+    or with ``kubeconfig``; all stopped at the end."""
     started: list[OperatorProcess] = []
     logs = tmp_path_factory.mktemp("operator-logs")
 
-    def start(namespaces: list[str], *args: str, identity: OperatorIdentity | None = None) -> OperatorProcess:
-        kubeconfig = (identity or operator_identity).kubeconfig
+    def start(namespaces: list[str], *args: str, identity: OperatorIdentity | None = None,
+              kubeconfig: Path | None = None) -> OperatorProcess:
+        kubeconfig = kubeconfig or (identity or operator_identity).kubeconfig
         process = OperatorProcess(kubeconfig, namespaces, logs / f"operator-{len(started)}.log", *args).start()
         started.append(process)
         return process

@@ -14,7 +14,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP_PATH = "/apis/rmjob.dev/v1alpha1"
-CHILD_KINDS = ("configmap", "serviceaccount", "role", "rolebinding", "service", "job")
 
 
 def _invalid_specs_module():

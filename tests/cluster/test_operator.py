@@ -12,7 +12,7 @@ import time
 
 import pytest
 from conftest import OperatorIdentity, new_namespace
-from rmj import (CHILD_KINDS, GROUP_PATH, condition, cpu_spec, get_json, get_or_none, owned_by, rmj,
+from rmj import (GROUP_PATH, condition, cpu_spec, get_json, get_or_none, owned_by, rmj,
                  status_of, token_request, wait_for_phase, wait_until)
 
 pytestmark = pytest.mark.cluster

@@ -116,9 +116,7 @@ def proxied_operator(cluster, kubectl, ns, identity, start_operator, tmp_path):
         "users": [{"name": "operator", "user": {"token": identity.token}}],
         "contexts": [{"name": "proxy", "context": {"cluster": "proxy", "user": "operator"}}],
         "current-context": "proxy"}))
-    proxied = OperatorIdentity.__new__(OperatorIdentity)
-    proxied.kubeconfig = kubeconfig
-    proxy.operator = start_operator([ns], identity=proxied)
+    proxy.operator = start_operator([ns], kubeconfig=kubeconfig)
     yield proxy
     proxy.operator.stop()
     proxy.stop()

@@ -80,7 +80,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # only the workloads this operator labelled, not every Job in the cluster.
     for group, plural in WORKLOAD_RESOURCES:
         settings.watching.label_selectors[group, plural] = JOB_LABEL
-    settings.watching.field_selectors["", "v1", "events"] = "type=Warning"
     memo.kube = KubeApi()
     # Per-job locks: the workload watcher and the spec handlers both rewrite status.conditions.
     memo.status_locks = collections.defaultdict(asyncio.Lock)
@@ -394,7 +393,8 @@ async def workload_warned(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo
     involved = body.get("involvedObject") or {}
     if event["type"] == "DELETED" or body.get("reason") not in cond.POD_CREATION_FAILED_REASONS:
         return
-    if involved.get("kind") not in ("Job", "PyTorchJob") or not involved.get("namespace"):
+    if involved.get("kind") not in ("Job", "PyTorchJob") or not all(
+            involved.get(key) for key in ("apiVersion", "namespace", "name")):
         return
     path = object_path(involved["apiVersion"], involved["kind"], involved["namespace"], involved["name"])
     workload = await memo.kube.get(path)

@@ -420,8 +420,6 @@ async def test_pods_the_job_controller_cannot_create_show_in_the_status(cluster:
     await api(cluster, "patch", JOB_STATUS, {"status": {"active": 2, "ready": 2}})  # fixed: pods run
     await wait_for(phase_is(cluster, "Running"))
     assert condition(rmj(cluster), "PodCreationFailed")["status"] == "False"
-    reads = [r for r in cluster if r.method == kmock.method.GET and r.url.path.endswith("/events")]
-    assert reads and {r.params.get("fieldSelector") for r in reads} == {"type=Warning"}
 
 
 def test_a_workload_failure_reported_before_the_create_handler_finishes_stays_failed() -> None:

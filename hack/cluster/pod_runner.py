@@ -10,7 +10,8 @@ pods really run. Standard library only.
 
     python hack/cluster/pod_runner.py --node runner-0 --namespace NS   # same, until Ctrl-C
 
-What a pod gets (the image is ignored: every container runs in this Python environment):
+What a pod gets (in process mode, the default, the image is ignored: every container runs in
+this Python environment; image mode is described at the end):
 
 - **Node and placement.** The runner registers Node NAME with RUNNER_LABEL, RUNNER_TAINT and
   the label ``kubernetes.io/hostname=NAME``, plus a taint of its own
@@ -54,6 +55,27 @@ What a pod gets (the image is ignored: every container runs in this Python envir
   in ``state.terminated``. A pod being deleted has its processes stopped (SIGTERM, then
   SIGKILL after its grace period) and is then removed, as the kubelet does. Init containers,
   probes, resource limits, security contexts, restarts and token refresh are not emulated.
+
+Image mode (``PodRunner(..., images=True)``, ``--images``, or ``RMJOB_POD_RUNNER_IMAGES=1``): each
+container runs in its image, which must already be in local containers storage (``make images``
+builds the project's two; nothing is pulled, a missing image fails the pod naming it), through
+``buildah from`` + ``buildah run --isolation chroot`` (``podman run`` cannot start containers in
+every sandbox). Differences from process mode:
+
+- Volumes are bound at their mount paths (``-v DIR:mountPath``, ``:ro`` when ``readOnly``), so no
+  container path is rewritten and ``RMJOB_SERVICE_ACCOUNT_DIR`` is not set; pod DNS names are
+  still rewritten to 127.0.0.1 (chroot isolation shares the host's network). emptyDirs are
+  world-writable, as the kubelet makes them, so the image's non-root user can write them.
+- ``command``/``args`` override the image's entrypoint/cmd as in Kubernetes; the env is the
+  image's plus the pod's plus ``HOSTNAME`` and ``KUBERNETES_SERVICE_HOST``/``_PORT``; the user is
+  ``runAsUser[:runAsGroup]`` of the pod or container securityContext, else the image's USER.
+- buildah has no read-only root: after the container exits the runner lists what it wrote to
+  its own filesystem outside its mounts (``podman diff``; :meth:`PodRunner.root_writes`), and a
+  container whose securityContext asks for ``readOnlyRootFilesystem`` and wrote there fails the
+  pod, naming the paths. The working container is then removed.
+- ``buildah run`` does not forward SIGTERM to the container, but its chroot runtime and the
+  container's processes stay in its process group, so a deleted pod's group is signalled
+  (SIGTERM, then SIGKILL), as in process mode.
 """
 
 from __future__ import annotations
@@ -83,6 +105,7 @@ LOCALHOST = "127.0.0.1"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 NODE_TAINT_KEY = "rmjob.dev/pod-runner-node"
+IMAGES_ENV = "RMJOB_POD_RUNNER_IMAGES"
 DEFAULT_TOKEN_SECONDS = 3607  # what the API server's ServiceAccount admission projects
 
 
@@ -186,6 +209,7 @@ class _Pod:
         self.namespace, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
         self.dir = runner.workdir / self.namespace / self.name
         self.processes: dict[str, subprocess.Popen] = {}
+        self.working_containers: dict[str, str] = {}  # image mode: container name -> buildah's name
         self.started_at: dict[str, str] = {}
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"pod-{self.namespace}/{self.name}", daemon=True)
@@ -291,10 +315,12 @@ class _Pod:
         if spec.get("initContainers"):
             raise PodUnsupported("init containers are not supported by the pod runner")
         volume_dirs = self._volume_dirs()
-        home = self.dir / "home"
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-        home.mkdir(parents=True, exist_ok=True)
         services = self._headless_services()
+        if self.runner.images:
+            return [self._prepare_in_image(container, volume_dirs, services) for container in spec["containers"]]
+        home = self.dir / "home"
+        home.mkdir(parents=True, exist_ok=True)
         prepared = []
         for container in spec["containers"]:
             if not container.get("command"):
@@ -325,11 +351,81 @@ class _Pod:
             prepared.append((container["name"], argv, env, workdir))
         return prepared
 
+    def _prepare_in_image(self, container: dict, volume_dirs: dict[str, Path],
+                          services: list[str]) -> tuple[str, list[str], dict[str, str], Path]:
+        """(name, ``buildah run`` argv, its env, working directory) for a container run in its
+        image; creates the working container."""
+        spec, name = self.pod["spec"], container["name"]
+        image = container.get("image", "")
+        config = image_config(image)
+        rewrite = make_rewriter({}, services, self.namespace)
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if {"configMap", "secret", "projected"} & set(volume):
+                _rewrite_files(volume_dirs[mount["name"]], rewrite)
+            elif "emptyDir" in volume:
+                volume_dirs[mount["name"]].chmod(0o777)
+        container_env = self._env(container)
+        command = container.get("command") or config.get("Entrypoint") or []
+        args = container.get("args") or ([] if container.get("command") else config.get("Cmd") or [])
+        argv = [rewrite(expand(arg, container_env)) for arg in [*command, *args]]
+        if not argv:
+            raise PodUnsupported(f"container {name!r}: neither the pod nor image {image!r} names a command")
+        hostname = spec.get("hostname", self.name)
+        env = {"HOSTNAME": hostname, "KUBERNETES_SERVICE_HOST": LOCALHOST,
+               "KUBERNETES_SERVICE_PORT": self.runner.api_port, "KUBERNETES_SERVICE_PORT_HTTPS": self.runner.api_port,
+               **{key: rewrite(value) for key, value in container_env.items()}}
+        security = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
+        options = ["--hostname", hostname]
+        if "runAsUser" in security:
+            group = f":{security['runAsGroup']}" if "runAsGroup" in security else ""
+            options += ["--user", f"{security['runAsUser']}{group}"]
+        if container.get("workingDir"):
+            options += ["--workingdir", container["workingDir"]]
+        for mount in container.get("volumeMounts", []):
+            host = volume_dirs[mount["name"]] / mount.get("subPath", "")
+            options += ["-v", f"{host}:{mount['mountPath']}{':ro' if mount.get('readOnly') else ''}"]
+        for key, value in env.items():
+            options += ["-e", f"{key}={value}"]
+        created = subprocess.run(["buildah", "from", "--pull=never", "--quiet", image],
+                                 capture_output=True, text=True)
+        if created.returncode != 0:
+            raise PodUnsupported(f"container {name!r}: buildah from {image}: {_last_line(created.stderr)}")
+        self.working_containers[name] = working = created.stdout.strip()
+        run_argv = ["buildah", "run", "--isolation", "chroot", *options, working, "--", *argv]
+        return name, run_argv, {"PATH": os.environ.get("PATH", os.defpath)}, self.dir
+
+    def _finish_working_containers(self) -> str | None:
+        """Image mode, once the containers have exited: records what each wrote outside its
+        mounts, removes the working containers; why the pod fails, if one broke its read-only root."""
+        violations = []
+        for container in self.pod["spec"]["containers"]:
+            working = self.working_containers.pop(container["name"], None)
+            if working is None:
+                continue
+            if container["name"] in self.processes:
+                mounts = tuple(m["mountPath"].rstrip("/") for m in container.get("volumeMounts", []))
+                try:
+                    writes = written_outside(working, mounts)
+                except (subprocess.CalledProcessError, OSError) as error:
+                    violations.append(f"container {container['name']!r}: podman diff failed: {error}")
+                    writes = []
+                self.runner.recorded_root_writes[(self.namespace, self.name, container["name"])] = writes
+                read_only = {**self.pod["spec"].get("securityContext", {}),
+                             **container.get("securityContext", {})}.get("readOnlyRootFilesystem")
+                if read_only and writes:
+                    violations.append(f"container {container['name']!r} has readOnlyRootFilesystem but wrote "
+                                      f"{', '.join(writes)}")
+            subprocess.run(["buildah", "rm", working], capture_output=True)
+        return "; ".join(violations) or None
+
     # --------------------------------------------------------------------- running
     def _run(self) -> None:
         try:
             prepared = self._prepare()
         except (PodUnsupported, ApiError, OSError) as error:
+            self._finish_working_containers()
             self._write_status(failed_message=str(error))
             return
         for name, argv, env, workdir in prepared:
@@ -340,6 +436,7 @@ class _Pod:
                         stderr=subprocess.STDOUT, start_new_session=True)
                 except OSError as error:
                     self._stop_processes(0)
+                    self._finish_working_containers()
                     self._write_status(failed_message=f"container {name!r}: {error}")
                     return
             self.started_at[name] = _now()
@@ -349,7 +446,7 @@ class _Pod:
                 grace = self.pod["metadata"].get("deletionGracePeriodSeconds", 30)
                 self._stop_processes(grace)
                 break
-        self._write_status()
+        self._write_status(failed_message=self._finish_working_containers())
 
     def _stop_processes(self, grace_s: float) -> None:
         for process in self.processes.values():
@@ -414,6 +511,31 @@ def _rewrite_files(directory: Path, rewrite) -> None:
                 path.write_text(new)
 
 
+def image_config(image: str) -> dict:
+    """The OCI config (Entrypoint, Cmd, User, ...) of an image in local containers storage."""
+    found = subprocess.run(["podman", "image", "inspect", "--format", "{{json .Config}}", image],
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        raise PodUnsupported(f"image {image!r} is not in local containers storage (the pod runner's image "
+                             f"mode pulls nothing): {_last_line(found.stderr)}")
+    return json.loads(found.stdout)
+
+
+def written_outside(working_container: str, allowed: tuple[str, ...]) -> list[str]:
+    """What a container changed in its own filesystem outside the ``allowed`` paths (its mounts:
+    a mount point shows when the runtime had to create it). A directory shows as changed when
+    something below it did: only leaves count."""
+    diff = subprocess.run(["podman", "diff", working_container], capture_output=True, text=True, check=True)
+    paths = [line.split(" ", 1)[1] for line in diff.stdout.splitlines()]
+    leaves = [p for p in paths if not any(other.startswith(p + "/") for other in paths)]
+    return [p for p in leaves if not any(p == a or p.startswith(a + "/") for a in allowed)]
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "(no message)"
+
+
 def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
     try:
         os.killpg(process.pid, sig)
@@ -426,8 +548,12 @@ class PodRunner:
     """Runs the pods bound to Node ``node`` of ``cluster`` (a cluster.py Cluster, or anything with
     ``server`` and ``pki``) under ``workdir``."""
 
-    def __init__(self, cluster, node: str, workdir: Path) -> None:
+    def __init__(self, cluster, node: str, workdir: Path, images: bool | None = None) -> None:
         self.api = Api(cluster.server, Path(cluster.pki))
+        # Image mode (see the module's docstring); default from the environment.
+        self.images = images if images is not None else os.environ.get(IMAGES_ENV, "") not in ("", "0")
+        # Image mode: (namespace, pod, container) -> paths it wrote outside its mounts.
+        self.recorded_root_writes: dict[tuple[str, str, str], list[str]] = {}
         self.api_port = str(urllib.parse.urlsplit(cluster.server).port)
         self.node = node
         self.workdir = Path(workdir)
@@ -482,6 +608,11 @@ class PodRunner:
         except (ApiError, OSError):
             pass
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def root_writes(self, namespace: str, pod: str, container: str) -> list[str] | None:
+        """Image mode: what the finished container wrote to its own filesystem outside its
+        mounts (None if it has not finished here)."""
+        return self.recorded_root_writes.get((namespace, pod, container))
 
     def log(self, namespace: str, pod: str, container: str) -> str:
         path = self.workdir / namespace / pod / "logs" / f"{container}.log"
@@ -566,9 +697,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=_cluster_module().DEFAULT_DIR,
                         help="the cluster's state directory (default .cluster/)")
     parser.add_argument("--workdir", type=Path, default=None, help="pod directories (default DIR/pods/NODE)")
+    parser.add_argument("--images", action="store_true", default=None,
+                        help=f"run each container in its image from local containers storage ({IMAGES_ENV}=1)")
     args = parser.parse_args(argv)
     cluster = _cluster_module().Cluster(args.dir)
-    runner = PodRunner(cluster, args.node, args.workdir or cluster.dir / "pods" / args.node)
+    runner = PodRunner(cluster, args.node, args.workdir or cluster.dir / "pods" / args.node, images=args.images)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -297,7 +297,9 @@ def _report_formats(formats: list[str], where: str) -> None:
             first_row.setdefault(form, i)
     counts = {form: formats.count(form) for form in first_row}
     if len(counts) == 1:
-        logger.info("%s: format %s", where, *counts)
+        # print, not logger.info: the CLI configures no logging, and the format chosen for a
+        # dataset is what a user checks first when a run trains on the wrong text.
+        print(f"{where}: format {next(iter(counts))}")
         return
     logger.warning("%s: rows in %d formats: %s", where, len(counts), "; ".join(
         f"{form}: {count} row(s), first row {first_row[form]}" for form, count in counts.items()))

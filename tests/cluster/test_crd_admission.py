@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 import yaml
-from conftest import CHART, CRD_MANIFEST, HELM, REPO
+from operator_harness import CHART, CRD_MANIFEST, HELM, REPO
 from rmj import GROUP_PATH, get_json, invalid_specs, rmj, wait_until
 
 from rmjob_operator.spec import InvalidSpec, check_name, parse_spec

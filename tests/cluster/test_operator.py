@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from conftest import OperatorIdentity, new_namespace
+from operator_harness import OperatorIdentity, new_namespace
 from rmj import (GROUP_PATH, condition, cpu_spec, get_json, get_or_none, owned_by, rmj,
                  status_of, token_request, wait_for_phase, wait_until)
 

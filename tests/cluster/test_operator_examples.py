@@ -9,7 +9,7 @@ import json
 
 import pytest
 import yaml
-from conftest import OperatorIdentity, new_namespace
+from operator_harness import new_namespace
 from rmj import REPO, get_json, get_or_none, owned_by, status_of, wait_for_phase, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -57,14 +57,10 @@ def namespaces(kubectl):
 
 
 @pytest.fixture(scope="module")
-def operator(cluster, kubectl, rmj_crd, pytorchjob_crd, namespaces, start_operator, tmp_path_factory):
-    watched = sorted(namespaces.values())
-    identity = OperatorIdentity(cluster, kubectl, tmp_path_factory.mktemp("examples"),
-                                f"watchNamespaces={{{','.join(watched)}}}")
-    process = start_operator(watched, identity=identity)
+def operator(pytorchjob_crd, namespaces, start_operator):
+    process = start_operator(sorted(namespaces.values()))
     yield process
     assert process.stop() == 0
-    identity.delete()
 
 
 def test_every_example_applied_with_kubectl_gets_children_the_api_server_accepts(kubectl, namespaces, operator):

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import yaml
 from api_proxy import ApiProxy, Fault
-from conftest import CHART, REPO, OperatorIdentity, new_namespace
+from operator_harness import CHART, REPO, OperatorIdentity, new_namespace
 from rmj import (GROUP_PATH, cpu_spec, get_json, get_or_none, owned_by, rmj, status_of,
                  wait_for_phase, wait_until)
 

@@ -98,6 +98,17 @@ def test_deepspeed_json_batch_sizes_that_disagree_with_the_flags_are_refused(tmp
             config["train_batch_size"]) == (4, 2, 16)
 
 
+def test_deepspeed_json_null_batch_sizes_are_unset(tmp_path):
+    """DeepSpeed reads a null batch key as a missing one: the flags fill it."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": None, "gradient_accumulation_steps": None,
+                                "train_batch_size": None, "zero_optimization": {"stage": 2}}))
+    cfg = RewardConfig(per_device_train_batch_size=2, gradient_accumulation_steps=3, deepspeed=str(path))
+    config = build_deepspeed_config(deepspeed_settings(cfg, environ={}), cfg, world_size=2, precision=None)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (2, 3, 12)
+
+
 # --- 2-process runs -------------------------------------------------------------------------
 def _flags(model_dir, dataset_dir, output_dir, grad_accum: int) -> list[str]:
     # 101 eval pairs: not divisible by 2 processes. 40 pairs in batches of 4: 10 optimizer steps.

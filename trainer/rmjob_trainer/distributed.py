@@ -189,8 +189,9 @@ def _set_batch_sizes(config: dict, cfg: RewardConfig, world_size: int, config_fi
         "train_batch_size": (micro * accumulation * world_size,
                              f"{micro} x {accumulation} x {world_size} process(es)"),
     }
+    # DeepSpeed reads null as unset, like a missing key.
     conflicts = [f"{key} {config[key]} (the trainer's: {why})" for key, (value, why) in wanted.items()
-                 if config.get(key, "auto") not in ("auto", value)]
+                 if config.get(key) not in (None, "auto", value)]
     if conflicts:
         raise ConfigError(f"DeepSpeed config {config_file}: {'; '.join(conflicts)}; batch sizes come from the "
                           'trainer\'s flags: set these keys to "auto", drop them, or make them agree')

@@ -9,8 +9,12 @@ these differences:
   limit was set, and the rejected check whenever ``max_token_length`` was set);
 * rows whose ``chosen``/``rejected`` is missing, empty or ill-typed are reported by index and
   dropped (or rejected with ``--invalid_rows error``) instead of crashing tokenization;
-* plain-string ``chosen``/``rejected`` with a ``prompt`` column, and trl's explicit-prompt
-  format (``prompt`` as a message list), are accepted besides trl-style message lists;
+* plain-string ``chosen``/``rejected`` with a ``prompt`` column, trl's explicit-prompt format
+  (``prompt`` as a message list), raw Anthropic/hh-rlhf strings (parsed into messages) and trl's
+  plain-text format (raw text, EOS appended, no chat template) are accepted besides trl-style
+  message lists; the format is detected per row and reported per dataset, and a row whose
+  ``chosen`` and ``rejected`` differ in format is invalid;
+* an optional numeric ``margin`` column (trl's) is kept for the loss;
 * a mixer value of ``1`` means the whole split (see ``cli._to_mixer``);
 * without ``--dataset_eval_mixer`` the eval set is each training dataset's whole
   ``--dataset_eval_splits`` split, and never its training rows (see ``eval_mixer``).
@@ -573,8 +577,9 @@ def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None]:
     ``num_evals 0`` (nothing is loaded that would not be used).
 
     Sets the tokenizer's chat template from ``cfg.chat_template``. The eval datasets are
-    :func:`eval_mixer`'s. Columns: ``chosen``, ``rejected`` (messages) and the three
-    ``input_ids_*`` lists.
+    :func:`eval_mixer`'s. Columns: ``chosen``, ``rejected`` (messages), the three
+    ``input_ids_*`` lists, ``chosen_text``/``rejected_text`` when a source is plain text and
+    ``margin`` when a source has margins.
     """
     set_chat_template(tokenizer, cfg.chat_template)
     processor = PreferenceDatasetProcessor(tokenizer, cfg)

@@ -1,4 +1,6 @@
-"""The reward-model training loop: Bradley-Terry loss, ``-logsigmoid(r_chosen - r_rejected)``.
+"""The reward-model training loop: Bradley-Terry loss, ``-logsigmoid(r_chosen - r_rejected)``
+(minus a per-pair ``margin`` when the data has one, plus TRL's reward-centering term with
+``--center_rewards_coefficient``).
 
 Semantics follow open-instruct's ``reward_modeling.py`` (batch sizes, run name, episodes,
 metric names, evaluation, samples table), with three fixes: the LR schedule's horizon is the

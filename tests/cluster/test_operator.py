@@ -255,3 +255,17 @@ def test_pod_creation_refused_is_surfaced_in_status(kubectl, ns, operator):
         raise AssertionError(f"{status_of(kubectl, ns, 'rm-nosa')}\n{operator.log()[-3000:]}") from None
     assert "missing" in found["message"], found
     assert status_of(kubectl, ns, "rm-nosa")["phase"] == "Pending"
+
+
+def test_pods_that_cannot_be_scheduled_do_not_make_the_job_running(kubectl, ns, operator):
+    """The Job controller counts a pod that no node takes as active; only ready pods train."""
+    create(kubectl, ns, "rm-nowhere", cpu_spec(resources={"gpusPerNode": 0,
+                                                          "nodeSelector": {"rmjob.dev/no-such-node": "true"}}))
+    wait_until(lambda: (get_or_none(kubectl, "job", "rm-nowhere", "-n", ns) or {}).get("status", {}).get("active"),
+               60, "the Job's pod created (active)")
+    pod = pods(kubectl, ns, "rm-nowhere")[0]
+    assert pod["status"]["phase"] == "Pending" and not pod["spec"].get("nodeName")
+    wait_until(lambda: status_of(kubectl, ns, "rm-nowhere").get("phase"), 30, "a phase")
+    time.sleep(3)  # the operator has seen the Job's active pod by now
+    status = status_of(kubectl, ns, "rm-nowhere")
+    assert status["phase"] == "Pending", status

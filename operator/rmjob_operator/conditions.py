@@ -169,7 +169,7 @@ def pod_creation_failed_patch(owner: dict, kind: str, message: str, now: str) ->
 
 # status.training keys (written by the trainer) that are copied to status.metrics.
 METRIC_KEYS = ("step", "totalSteps", "episode", "epoch", "trainLoss", "trainAccuracy",
-               "evalLoss", "evalAccuracy", "evalRewardMargin")
+               "evalLoss", "evalAccuracy", "evalRewardMargin", "benchmarkAccuracy")
 
 
 def training_status(training: dict) -> dict:

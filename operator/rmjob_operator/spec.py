@@ -677,6 +677,7 @@ class Metrics(_Status):
     eval_loss: Optional[float] = None
     eval_accuracy: Optional[float] = None
     eval_reward_margin: Optional[float] = None
+    benchmark_accuracy: Optional[float] = Field(default=None, description="Overall accuracy on trainer.evalBenchmark (latest scoring).")
 
 
 class HubStatus(_Status):

@@ -122,6 +122,31 @@ class RewardConfig:
         metadata=_help("Pack sequences without padding (per-sequence position ids). Same "
                        "rewards as padded batches, less wasted compute."),
     )
+    use_peft: bool = field(
+        default=False,
+        metadata=_help("Train LoRA adapters (peft) instead of all weights; the score head is always "
+                       "trained in full. output_dir gets the merged model, output_dir/adapter the "
+                       "adapter. Single process, DDP and ZeRO-2 (not ZeRO-3)."),
+    )
+    lora_r: int = field(default=16, metadata=_help("LoRA rank (with --use_peft).", minimum=1))
+    lora_alpha: int = field(
+        default=32, metadata=_help("LoRA scaling alpha; updates are scaled by alpha / r (with --use_peft).",
+                                   minimum=1)
+    )
+    lora_dropout: float = field(
+        default=0.05, metadata=_help("Dropout on the LoRA path (with --use_peft).", minimum=0)
+    )
+    lora_target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata=_help("Module names (or 'all-linear') that get LoRA adapters (with --use_peft; "
+                       "default: peft's choice for the architecture, e.g. q_proj v_proj for Llama)."),
+    )
+    eval_benchmark: Optional[str] = field(
+        default=None,
+        metadata=_help("RewardBench-style file (v1 or v2 format, see docs/evaluation.md) scored at each "
+                       "evaluation and at the end: results in metrics.json, log.jsonl, W&B and "
+                       "output_dir/benchmark.json + benchmark.png."),
+    )
 
     # --- optimisation -----------------------------------------------------------------
     learning_rate: float = field(default=2e-5, metadata=_help("Peak learning rate.", exclusiveMinimum=0))

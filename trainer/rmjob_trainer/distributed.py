@@ -34,7 +34,7 @@ from transformers import get_scheduler
 
 from rmjob_trainer import ConfigError
 from rmjob_trainer.config import RewardConfig
-from rmjob_trainer.model import RewardModel, load_model
+from rmjob_trainer.model import RewardModel, load_model, save_merged
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -216,6 +216,10 @@ def build_deepspeed_config(settings: dict, cfg: RewardConfig, world_size: int,
         config = {"zero_optimization": zero}
         if settings["gradient_clipping"] not in (None, "none"):
             config["gradient_clipping"] = float(settings["gradient_clipping"])
+    if cfg.use_peft and config.get("zero_optimization", {}).get("stage") == 3:
+        # Merging the adapter for the saved model needs the full weights, which ZeRO-3 partitions.
+        raise ConfigError("--use_peft does not work with ZeRO-3 (the adapter is merged into the saved model); "
+                          "use ZeRO-2 or DDP, whose LoRA runs need little memory anyway")
     _set_batch_sizes(config, cfg, world_size, settings.get("config_file"))
     # DeepSpeed clips at 1.0 unless told otherwise; the DDP path (and open-instruct) does not clip.
     _fill_auto(config, "gradient_clipping", 0.0)
@@ -228,7 +232,9 @@ def build_deepspeed_config(settings: dict, cfg: RewardConfig, world_size: int,
 
 
 # --- engines --------------------------------------------------------------------------------
-def _optimizer(cfg: RewardConfig, params) -> torch.optim.AdamW:
+def _optimizer(cfg: RewardConfig, module: torch.nn.Module) -> torch.optim.AdamW:
+    # Frozen weights (LoRA's base model) get no optimizer state.
+    params = [p for p in module.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.learning_rate, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
@@ -248,7 +254,7 @@ class DDPEngine:
         self.module = RewardModel(self.hf_model, tokenizer.pad_token_id, cfg.padding_free)
         self.wrapped = (torch.nn.parallel.DistributedDataParallel(self.module) if d.world_size > 1
                         else self.module)
-        self.optimizer = _optimizer(cfg, self.module.parameters())
+        self.optimizer = _optimizer(cfg, self.module)
         self.scheduler = _scheduler(cfg, self.optimizer, num_training_steps)
         self.precision = resolve_precision(cfg, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.precision == torch.float16)
@@ -256,6 +262,7 @@ class DDPEngine:
         self.grad_accum = cfg.gradient_accumulation_steps
         self.micro_step = 0
         self.is_main = d.is_main
+        self.use_peft = cfg.use_peft
 
     def forward(self, batch: dict) -> torch.Tensor:
         last_micro_step = (self.micro_step + 1) % self.grad_accum == 0
@@ -295,7 +302,9 @@ class DDPEngine:
         self.scaler.load_state_dict(state["scaler"])
 
     def save_model(self, output_dir: Path) -> None:
-        if self.is_main:
+        if self.is_main and self.use_peft:
+            save_merged(self.hf_model, output_dir)
+        elif self.is_main:
             self.hf_model.save_pretrained(output_dir)
 
     def close(self) -> None:
@@ -330,12 +339,13 @@ class DeepSpeedEngine:
         module = RewardModel(self.hf_model, tokenizer.pad_token_id, cfg.padding_free)
         self.engine, *_ = deepspeed.initialize(
             model=module,
-            optimizer=_optimizer(cfg, module.parameters()),
+            optimizer=_optimizer(cfg, module),
             lr_scheduler=lambda optimizer: _scheduler(cfg, optimizer, num_training_steps),
             config=config,
             dist_init_required=False,
         )
         self.is_main = d.is_main
+        self.use_peft = cfg.use_peft
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.engine(batch).float()
@@ -366,6 +376,11 @@ class DeepSpeedEngine:
     def save_model(self, output_dir: Path) -> None:
         """Full weights that load without DeepSpeed: under ZeRO-3 every rank takes part in
         gathering them (layer by layer, onto rank 0's CPU)."""
+        if self.use_peft:
+            # ZeRO-2 (ZeRO-3 is refused with LoRA) keeps every rank's weights whole and current.
+            if self.is_main:
+                save_merged(self.hf_model, output_dir)
+            return
         if self.zero_stage == 3:
             state_dict = self.engine._zero3_consolidated_16bit_state_dict()
         else:

@@ -2,8 +2,11 @@
 
 Implementation details from open-instruct (see its reward-modeling docs):
 
-1. Right padding, and a pad token distinct from EOS: the reward is read at the last non-pad
-   token, which is the EOS that every chat template appends.
+1. The reward is read at each sequence's true last token (the EOS that every chat template
+   appends), found from the sequence lengths, never from the pad id: a pad token equal to EOS
+   (Llama 3 style tokenizers) or left padding cannot move it. The trainer still gives its
+   tokenizer a pad token distinct from EOS, so a saved model also works with transformers' own
+   ``forward``, which finds the last token by the pad id.
 2. Dropout disabled (p. 3 of https://arxiv.org/abs/1909.08593).
 3. Score head initialised ``normal(std=1/sqrt(hidden_size + 1))``, bias zero
    (p. 11 of https://arxiv.org/abs/2009.01325). Under ZeRO-3 the head is partitioned, so it is
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -99,36 +103,79 @@ def load_model(cfg: RewardConfig, tokenizer) -> PreTrainedModel:
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with DDP's no_sync and with inputs that need no grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.use_peft:
+        model = add_lora(model, cfg)
     return model
 
 
-def get_reward(model: PreTrainedModel, input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Reward of each right-padded sequence of ``input_ids`` [batch, seq], read at its last
-    non-pad token -> [batch].
+def add_lora(model: PreTrainedModel, cfg: RewardConfig):
+    """LoRA adapters on ``cfg.lora_target_modules``, everything else frozen except a full,
+    trainable copy of the score head (``modules_to_save``): a new head trained only through a
+    low-rank update would start from, and stay near, its random initialisation.
 
-    Pad ids are replaced by 0 before the embedding, so a pad token the embedding matrix lacks
-    (``resize_token_embeddings=False``) is harmless.
+    The returned ``PeftModel`` forwards attribute access to the model, so the reward functions
+    below use it unchanged."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
+                      modules_to_save=["score"])
+    return get_peft_model(model, lora)
+
+
+def save_merged(model, output_dir) -> None:
+    """``output_dir``: a plain model (LoRA merged into the weights, the trained head in place of
+    the original); ``output_dir/adapter``: the adapter alone. Merging rewrites ``model`` in place,
+    so this comes last."""
+    model.save_pretrained(Path(output_dir) / "adapter")
+    model.merge_and_unload().save_pretrained(output_dir)
+
+
+def get_reward(model: PreTrainedModel, input_ids: torch.Tensor, pad_token_id: int,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Reward of each padded sequence of ``input_ids`` [batch, seq] -> [batch], read at its
+    last real token.
+
+    ``attention_mask`` marks the real tokens (left or right padding). Without it the real tokens
+    are taken to be those that are not ``pad_token_id``, which is refused when the pad id is the
+    model's EOS: the EOS a sequence ends with would be taken for padding. Pad ids are replaced by
+    0 before the embedding, so a pad token the embedding matrix lacks is harmless.
     """
-    attention_mask = input_ids != pad_token_id
+    if attention_mask is None:
+        eos = model.config.eos_token_id
+        if pad_token_id in (eos if isinstance(eos, list) else [eos]):
+            raise ValueError(f"get_reward: pad_token_id {pad_token_id} is the EOS token, so padding cannot be "
+                             "told from a sequence's final EOS; pass attention_mask")
+        attention_mask = input_ids != pad_token_id
+    attention_mask = attention_mask.bool()
     return reward_at_last_token(model, input_ids.masked_fill(~attention_mask, 0), attention_mask)
 
 
+def padded_batch(sequences: list[list[int]], pad_token_id: int) -> dict:
+    """Right-padded ``input_ids`` and the ``attention_mask`` of the real tokens, from the lengths."""
+    longest = max(map(len, sequences))
+    return {"input_ids": torch.tensor([s + [pad_token_id] * (longest - len(s)) for s in sequences]),
+            "attention_mask": torch.tensor([[True] * len(s) + [False] * (longest - len(s)) for s in sequences])}
+
+
 def reward_at_last_token(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward of each right-padded row of ``input_ids`` [batch, seq] whose real tokens are
-    ``attention_mask`` (a prefix of each row) -> [batch].
+    """Reward of each row of ``input_ids`` [batch, seq] whose real tokens are ``attention_mask``
+    (one contiguous run per row, left or right padded) -> [batch].
 
     Runs the backbone and applies ``model.score`` to its last hidden state only (no
     ``output_hidden_states`` for every layer).
     """
-    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    attention_mask = attention_mask.bool()
+    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=attention_mask.long(),
         position_ids=position_ids,
         use_cache=False,
     ).last_hidden_state
-    last = attention_mask.long().sum(1) - 1  # right padding: non-pad tokens are a prefix
+    columns = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    last = torch.where(attention_mask, columns, -1).max(1).values  # the last real token, either side
     last_hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
     return model.score(last_hidden).squeeze(-1)
 
@@ -136,7 +183,7 @@ def reward_at_last_token(model: PreTrainedModel, input_ids: torch.Tensor, attent
 class RewardModel(nn.Module):
     """What DDP / DeepSpeed wrap: their hooks only run when the wrapper's ``forward`` is called,
     and the reward is not the HF model's own ``forward``. ``batch`` is either padded
-    ``{"input_ids"}`` or a packed batch from :mod:`rmjob_trainer.packing`."""
+    ``{"input_ids", "attention_mask"}`` (:func:`padded_batch`) or a packed batch from :mod:`rmjob_trainer.packing`."""
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int, padding_free: bool = False):
         super().__init__()
@@ -149,4 +196,4 @@ class RewardModel(nn.Module):
             from rmjob_trainer.packing import packed_rewards
 
             return packed_rewards(self.model, batch)
-        return get_reward(self.model, batch["input_ids"], self.pad_token_id)
+        return get_reward(self.model, batch["input_ids"], self.pad_token_id, batch["attention_mask"])

@@ -34,12 +34,15 @@ from rmjob_trainer.config import RewardConfig
 from rmjob_trainer.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, build_deepspeed_config,
                                        build_engine, deepspeed_settings, engine_kind, init_distributed,
                                        leave_distributed, main_process_first, resolve_precision)
-from rmjob_trainer.model import load_tokenizer
+from rmjob_trainer.evaluate import (benchmark_metrics, evaluate_benchmark, load_benchmark, log_to_wandb,
+                                    summary_line, write_report)
+from rmjob_trainer.model import load_tokenizer, padded_batch
 
 CHOSEN, REJECTED = "input_ids_chosen", "input_ids_rejected"
 TRAIN_NAMES = ("accuracy", "loss", "chosen_reward", "rejected_reward", "reward_margin")
 EVAL_NAMES = ("accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin")
 NUM_SAMPLE_ROWS = 10
+BENCHMARK_PREFIX = "benchmark/"
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -77,8 +80,7 @@ def collate(dataset, indices: list[int], pad_token_id: int, padding_free: bool, 
 
         batch = collate_packed(sequences)
     else:
-        longest = max(map(len, sequences))
-        batch = {"input_ids": torch.tensor([s + [pad_token_id] * (longest - len(s)) for s in sequences])}
+        batch = padded_batch(sequences, pad_token_id)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -186,6 +188,24 @@ def normalization_stats(engine, train_dataset, tokenizer, cfg: RewardConfig, d: 
     return {"reward_mean": mean, "reward_std": std, "reward_normalization_dataset": "train"}
 
 
+def load_eval_benchmark(path: str):
+    """``--eval_benchmark``, read before any training so that a bad file stops the run at once."""
+    try:
+        return load_benchmark(path)
+    except DataError as e:
+        raise DataError(f"--eval_benchmark: {str(e).removeprefix('--dataset: ')}") from None
+
+
+def score_benchmark(engine, tokenizer, benchmark, cfg: RewardConfig, d: Dist) -> dict:
+    """``--eval_benchmark`` (loaded as ``benchmark``) on the model being trained. Every rank
+    scores it: under ZeRO-3 each forward pass gathers weights from all ranks."""
+    engine.train(False)
+    result = evaluate_benchmark(engine.hf_model, tokenizer, benchmark,
+                                batch_size=cfg.per_device_eval_batch_size, device=d.device)
+    engine.train(True)
+    return result
+
+
 def print_samples(rows: list[list]) -> None:
     print("preference samples (chosen_reward, rejected_reward, chosen | rejected):")
     for chosen, rejected, chosen_reward, rejected_reward in rows:
@@ -242,12 +262,17 @@ _OPTIMIZATION_FLAGS = ("model_name_or_path", "model_revision", "dataset_mixer", 
                        "center_rewards_coefficient")
 
 
+# LoRA decides which weights are trained and the shape of the checkpointed model.
+_LORA_FLAGS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
 def optimization_settings(cfg: RewardConfig, world_size: int, train_pairs: int, total_episodes: int,
                           engine: str) -> dict:
     """Recorded in every checkpoint; a run resumes from a checkpoint only with the same values,
     or it would continue another run's optimizer state, schedule and data order. JSON values,
     as they are stored."""
-    settings = {**{flag: getattr(cfg, flag) for flag in _OPTIMIZATION_FLAGS}, "total_episodes": total_episodes,
+    flags = _OPTIMIZATION_FLAGS + _LORA_FLAGS
+    settings = {**{flag: getattr(cfg, flag) for flag in flags}, "total_episodes": total_episodes,
                 "processes": world_size, "train_pairs": train_pairs, "engine": engine}
     return json.loads(json.dumps(settings))
 
@@ -294,6 +319,7 @@ class RunLog:
         self._start_log(resumed_step)
         self.total_steps = total_steps
         self.eval: dict = {}
+        self.output_dir = output_dir
 
     def _start_log(self, resumed_step: int | None) -> None:
         """One log per run: a new run starts ``log.jsonl`` empty; a resumed one keeps its lines up
@@ -318,12 +344,22 @@ class RunLog:
                 splits, save_path=str(output_dir / "token_length.png"))
             self.tracker.log_image("token_length_visualization", png)
 
-    def log(self, step: int, metrics: dict) -> None:
-        self.eval.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+    def log(self, step: int, metrics: dict, benchmark: dict | None = None) -> None:
+        """``metrics`` holds ``benchmark``'s scalars when a benchmark was scored at this step."""
+        self.eval.update({k: v for k, v in metrics.items() if k.startswith(("eval/", BENCHMARK_PREFIX))})
         with self.file.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.tracker.log(metrics, step=metrics["episode"])
+        self.tracker.log({k: v for k, v in metrics.items() if not k.startswith(BENCHMARK_PREFIX)},
+                         step=metrics["episode"])
+        if benchmark is not None:
+            self.log_benchmark(benchmark, metrics["episode"])
         self.report(step, metrics)
+
+    def log_benchmark(self, result: dict, episode: int) -> None:
+        """Console summary, ``output_dir/benchmark.json`` + ``.png`` (the latest scoring), W&B."""
+        tqdm.write(summary_line(result))
+        png = write_report(result, self.output_dir / "benchmark.json", self.output_dir / "benchmark.png")
+        log_to_wandb(self.tracker, result, step=episode, png_path=png, prefix=BENCHMARK_PREFIX)
 
     def report(self, step: int, metrics: dict, **extra) -> None:
         if self.reporter is None:
@@ -331,9 +367,11 @@ class RunLog:
         training = {"step": step, "totalSteps": self.total_steps, "episode": metrics["episode"],
                     "epoch": metrics["epoch"], "trainLoss": metrics["train/rm/loss"],
                     "trainAccuracy": metrics["train/rm/accuracy"], **extra}
-        if self.eval:
+        if "eval/rm/loss" in self.eval:
             training.update(evalLoss=self.eval["eval/rm/loss"], evalAccuracy=self.eval["eval/rm/accuracy"],
                             evalRewardMargin=self.eval["eval/rm/reward_margin"])
+        if f"{BENCHMARK_PREFIX}overall" in self.eval:
+            training["benchmarkAccuracy"] = self.eval[f"{BENCHMARK_PREFIX}overall"]
         if self.tracker.url:
             training["wandbUrl"] = self.tracker.url
         self.reporter.report(training, force=bool(extra.get("done")))
@@ -369,6 +407,7 @@ def train(cfg: RewardConfig) -> dict:
     ds_config = (build_deepspeed_config(ds_settings, cfg, d.world_size, resolve_precision(cfg, d.device))
                  if ds_settings is not None else None)
     output_dir = Path(cfg.output_dir)
+    benchmark_data = load_eval_benchmark(cfg.eval_benchmark) if cfg.eval_benchmark else None
     tokenizer = load_tokenizer(cfg)
     with main_process_first(d):
         train_dataset, eval_dataset = build_datasets(cfg, tokenizer)
@@ -381,6 +420,8 @@ def train(cfg: RewardConfig) -> dict:
         raise DataError(f"{total_episodes} training pairs make no full batch of {batch_size} "
                         "(per_device_train_batch_size x gradient_accumulation_steps x processes)")
     eval_steps = {math.ceil(k * num_training_steps / cfg.num_evals) for k in range(1, cfg.num_evals + 1)}
+    # The benchmark also scores the final model, with or without an eval set.
+    benchmark_steps = (eval_steps | {num_training_steps}) if cfg.eval_benchmark else set()
     if eval_dataset is None or len(eval_dataset) == 0:
         eval_steps = set()
     order = DataOrder(len(train_dataset), cfg.seed, batch_size, d.world_size, micro_batch_size)
@@ -438,8 +479,12 @@ def train(cfg: RewardConfig) -> dict:
                 print_samples(rows)
                 run_log.tracker.log_table("preference_sample_texts",
                                           ["chosen_text", "rejected_text", "chosen_reward", "rejected_reward"], rows)
+        benchmark = (score_benchmark(engine, tokenizer, benchmark_data, cfg, d) if step + 1 in benchmark_steps
+                     else None)
+        if benchmark is not None:
+            metrics.update(benchmark_metrics(benchmark, BENCHMARK_PREFIX))
         if d.is_main:
-            run_log.log(step + 1, metrics)
+            run_log.log(step + 1, metrics, benchmark)
         if cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < num_training_steps:
             trainer_state = {"step": step + 1, "run_name": run_name, "settings": settings,
                              "data_order": order.state(step + 1)}

@@ -118,18 +118,152 @@ def test_checkpoint_without_recorded_settings_is_refused(killed_after_last_check
         train(_config(tiny_model_dir, bundled_dataset_dir, killed_after_last_checkpoint))
 
 
-def test_finished_model_is_not_replaced_by_resuming_an_older_checkpoint(tiny_model_dir, bundled_dataset_dir,
-                                                                       tmp_path):
+def test_restart_of_a_finished_run_completes_it_without_training(tiny_model_dir, bundled_dataset_dir, tmp_path,
+                                                                  monkeypatch):
+    """A pod evicted after metrics.json was written, during the Hub push, is replaced and reruns
+    the same command: the model stays, the push and the final status are done, and it succeeds."""
+    from rmjob_trainer import hub, status
+    from rmjob_trainer import train as train_module
+
+    pushed = {"repo": "me/rm", "revision": "first", "commit": "abc123", "url": "https://hub.example/me/rm"}
+    pushes, reports = [], []
+
+    def evicted_push(cfg, output_dir, metrics):
+        pushes.append(metrics)
+        raise KeyboardInterrupt  # SIGTERM's effect, as far as the trainer can tell
+
+    class Reporter:
+        def report(self, training, force=False):
+            reports.append((training, force))
+
+    monkeypatch.setattr(status.StatusReporter, "from_env", classmethod(lambda cls, **_: Reporter()))
+    monkeypatch.setattr(hub, "push_to_hub", evicted_push)
+    cfg = _config(tiny_model_dir, bundled_dataset_dir, tmp_path, push_to_hub=True)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg)
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    model, log = (tmp_path / "model.safetensors").read_bytes(), (tmp_path / "log.jsonl").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the finished run trains again")
+
+    monkeypatch.setattr(train_module, "build_engine", no_training)
+    monkeypatch.setattr(hub, "push_to_hub", lambda cfg, output_dir, metrics: pushes.append(metrics) or pushed)
+    reports.clear()
+    final = train_module.train(cfg)
+    assert final == {**first, "hub": pushed} == json.loads((tmp_path / "metrics.json").read_text())
+    assert pushes[-1]["run_name"] == "first" and "settings" not in pushes[-1]  # the model card's metrics
+    assert (tmp_path / "model.safetensors").read_bytes() == model and (tmp_path / "log.jsonl").read_text() == log
+    (done, force), = reports
+    assert force and done["done"] and done["hub"] == pushed and done["step"] == 8
+    assert done["evalAccuracy"] == first["eval/rm/accuracy"]
+    # Pushed once: another restart only reports.
+    assert train_module.train(cfg) == final and len(pushes) == 2
+
+
+def test_finished_model_is_not_replaced_by_another_run_resuming_a_checkpoint(tiny_model_dir, bundled_dataset_dir,
+                                                                            tmp_path):
     from rmjob_trainer import ConfigError
     from rmjob_trainer.train import train
 
-    cfg = _config(tiny_model_dir, bundled_dataset_dir, tmp_path)
-    finished = train(cfg)
+    finished = train(_config(tiny_model_dir, bundled_dataset_dir, tmp_path))
     model = (tmp_path / "model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match=r"already holds this run's finished model"):
-        train(cfg)
+    with pytest.raises(ConfigError, match=r"holds the finished model of another run") as error:
+        train(_config(tiny_model_dir, bundled_dataset_dir, tmp_path, run_name="second"))
+    assert "\n" not in str(error.value)
     assert (tmp_path / "model.safetensors").read_bytes() == model
     assert json.loads((tmp_path / "metrics.json").read_text()) == finished
+
+
+class _Killed(Exception):
+    pass
+
+
+def _train_until(cfg, kill_after_step: int) -> None:
+    """train(cfg), stopped as by a kill once step ``kill_after_step`` is logged."""
+    from rmjob_trainer import train as train_module
+
+    log = train_module.RunLog.log
+
+    def log_then_die(self, step, *args, **kwargs):
+        log(self, step, *args, **kwargs)
+        if step == kill_after_step:
+            raise _Killed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module.RunLog, "log", log_then_die)
+        with pytest.raises(_Killed):
+            train_module.train(cfg)
+
+
+def _checkpoint_learning_rates(output_dir) -> dict[str, float]:
+    return {p.name: json.loads((p / "trainer_state.json").read_text())["settings"]["learning_rate"]
+            for p in (output_dir / "checkpoints").iterdir()}
+
+
+def test_a_new_run_removes_an_earlier_runs_checkpoints(tiny_model_dir, bundled_dataset_dir, tmp_path):
+    """Rotation keeps the highest steps: the earlier run's would outlive the new run's own, and
+    a restart of the new run would find the earlier run's checkpoint."""
+    from rmjob_trainer.train import train
+
+    train(_config(tiny_model_dir, bundled_dataset_dir, tmp_path))  # checkpoints at steps 3 and 6
+    second = dict(learning_rate=2e-3, run_name="second")
+    _train_until(_config(tiny_model_dir, bundled_dataset_dir, tmp_path, resume=False, **second), kill_after_step=4)
+    assert _checkpoint_learning_rates(tmp_path) == {"step_3": 2e-3}
+    assert train(_config(tiny_model_dir, bundled_dataset_dir, tmp_path, **second))["run_name"] == "second"
+    assert _log_steps(tmp_path) == list(range(1, 9))
+
+
+def test_resume_with_changed_training_data_is_refused(tiny_model_dir, bundled_dataset_dir, tmp_path):
+    """Same file, same row count, other content: the checkpoint's data order would pick other
+    pairs. The same content written again (new file times) still resumes."""
+    import pyarrow.parquet as pq
+
+    from rmjob_trainer import ConfigError
+    from rmjob_trainer.train import train
+
+    rows = pq.read_table(next(bundled_dataset_dir.glob("data/train-*.parquet"))).to_pylist()[:16]
+    data = tmp_path / "prefs.jsonl"
+
+    def write(swapped: bool) -> None:
+        data.write_text("".join(json.dumps({"chosen": r["rejected"] if swapped else r["chosen"],
+                                            "rejected": r["chosen"] if swapped else r["rejected"]}) + "\n"
+                                for r in rows))
+
+    write(swapped=False)
+    cfg = _config(tiny_model_dir, data, tmp_path / "out", num_evals=0)
+    _train_until(cfg, kill_after_step=7)  # after the checkpoint at step 6
+    write(swapped=True)
+    with pytest.raises(ConfigError, match=r"^cannot resume from .*step_6: it was trained with other settings "
+                                          r"\(train_data \S+ there, \S+ now\)"):
+        train(cfg)
+    write(swapped=False)
+    assert train(cfg)["run_name"] == "first"
+
+
+def test_deepspeed_settings_that_change_the_optimization_are_recorded(tmp_path):
+    from rmjob_trainer import ConfigError
+    from rmjob_trainer.config import RewardConfig
+    from rmjob_trainer.distributed import build_deepspeed_config, deepspeed_optimization, engine_kind
+    from rmjob_trainer.train import optimization_settings, resumable_state
+
+    cfg = RewardConfig(model_name_or_path="x", dataset_mixer={"x": 1.0})
+    base = dict(zero_stage=2, offload_optimizer_device="none", offload_param_device="none", zero3_init_flag=False,
+                zero3_save_16bit_model=False, gradient_clipping=None)
+
+    def settings(**changes) -> dict:
+        config = build_deepspeed_config({**base, **changes}, cfg, 1, None)
+        return optimization_settings(cfg, 1, 100, 100, engine_kind(config), deepspeed=deepspeed_optimization(config))
+
+    checkpoint = tmp_path / "checkpoints/step_3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 3, "settings": settings()}))
+    assert resumable_state(checkpoint, tmp_path, settings())["step"] == 3
+    for change, named in [({"gradient_clipping": "1.0"}, '"gradient_clipping": 1.0'),
+                          ({"offload_optimizer_device": "cpu"}, '"offload_optimizer": "cpu"')]:
+        with pytest.raises(ConfigError, match=r"^cannot resume from .* other settings \(deepspeed ") as error:
+            resumable_state(checkpoint, tmp_path, settings(**change))
+        assert named in str(error.value)
 
 
 def test_one_log_per_run(killed_after_last_checkpoint, tiny_model_dir, bundled_dataset_dir):

@@ -403,3 +403,20 @@ def engine_kind(ds_config: dict | None) -> str:
     if ds_config is None:
         return "ddp"
     return f"deepspeed-zero{ds_config.get('zero_optimization', {}).get('stage', 0)}"
+
+
+# DeepSpeed config keys, besides the ZeRO stage and the batch sizes, that change the optimizer's
+# steps or its state: clipping, precision and loss scaling, an optimizer or schedule of its own.
+_DEEPSPEED_OPTIMIZATION_KEYS = ("gradient_clipping", "bf16", "fp16", "optimizer", "scheduler",
+                                "prescale_gradients", "gradient_predivide_factor")
+
+
+def deepspeed_optimization(ds_config: dict | None) -> dict | None:
+    """What of a DeepSpeed config decides the optimization (None without DeepSpeed); recorded
+    in checkpoints next to the trainer's flags."""
+    if ds_config is None:
+        return None
+    zero = ds_config.get("zero_optimization", {})
+    return {"offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none"),
+            "offload_param": zero.get("offload_param", {}).get("device", "none"),
+            **{key: ds_config[key] for key in _DEEPSPEED_OPTIMIZATION_KEYS if key in ds_config}}

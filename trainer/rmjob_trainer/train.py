@@ -16,6 +16,8 @@ processes sees the same pairs per optimizer step as one process with N times the
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -32,8 +34,8 @@ from tqdm.auto import tqdm
 from rmjob_trainer import ConfigError, DataError
 from rmjob_trainer.config import RewardConfig
 from rmjob_trainer.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, build_deepspeed_config,
-                                       build_engine, deepspeed_settings, engine_kind, init_distributed,
-                                       leave_distributed, main_process_first, resolve_precision)
+                                       build_engine, deepspeed_optimization, deepspeed_settings, engine_kind,
+                                       init_distributed, leave_distributed, main_process_first, resolve_precision)
 from rmjob_trainer.evaluate import (benchmark_metrics, evaluate_benchmark, load_benchmark, log_to_wandb,
                                     summary_line, write_report)
 from rmjob_trainer.model import load_tokenizer, padded_batch
@@ -267,14 +269,34 @@ _LORA_FLAGS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_
 
 
 def optimization_settings(cfg: RewardConfig, world_size: int, train_pairs: int, total_episodes: int,
-                          engine: str) -> dict:
-    """Recorded in every checkpoint; a run resumes from a checkpoint only with the same values,
-    or it would continue another run's optimizer state, schedule and data order. JSON values,
-    as they are stored."""
+                          engine: str, *, deepspeed: dict | None = None, train_data: str | None = None) -> dict:
+    """Recorded in every checkpoint and in metrics.json; a run resumes from a checkpoint only with
+    the same values, or it would continue another run's optimizer state, schedule and data order.
+    ``deepspeed``: :func:`deepspeed_optimization` of the run's DeepSpeed config; ``train_data``:
+    :func:`data_hash` of the training set. JSON values, as they are stored."""
     flags = _OPTIMIZATION_FLAGS + _LORA_FLAGS
     settings = {**{flag: getattr(cfg, flag) for flag in flags}, "total_episodes": total_episodes,
-                "processes": world_size, "train_pairs": train_pairs, "engine": engine}
+                "processes": world_size, "train_pairs": train_pairs, "engine": engine, "deepspeed": deepspeed,
+                "train_data": train_data}
     return json.loads(json.dumps(settings))
+
+
+def data_hash(dataset) -> str:
+    """Hash of the training pairs' token ids and margins, in row order: the rows a checkpoint's
+    data order refers to. Content, not file names or times, so data fetched again when a pod
+    restarts still resumes, and data changed under the same name and row count does not."""
+    from rmjob_trainer.data import MARGIN_KEY
+
+    digest = hashlib.blake2b(digest_size=16)
+    columns = [column for column in (CHOSEN, REJECTED, MARGIN_KEY) if column in dataset.column_names]
+    for table in dataset.with_format("arrow", columns=columns).iter(batch_size=10_000):
+        for column in columns:
+            array = table.column(column).combine_chunks()
+            if array.type.num_fields:  # token-id lists: their lengths, then their tokens
+                digest.update(array.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+                array = array.flatten()
+            digest.update(array.to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()
 
 
 def resumable_state(checkpoint: Path, output_dir: Path, settings: dict) -> dict:
@@ -293,10 +315,22 @@ def resumable_state(checkpoint: Path, output_dir: Path, settings: dict) -> dict:
                           f"({'; '.join(differences)}); rerun with its settings, use another --output_dir, "
                           "or --resume false")
     if (output_dir / "metrics.json").exists():
-        raise ConfigError(f"{output_dir} already holds this run's finished model (metrics.json); resuming from "
-                          f"{checkpoint} would replace it: use another --output_dir, or --resume false to train "
-                          "again")
+        raise ConfigError(f"{output_dir} holds the finished model of another run (its metrics.json records other "
+                          f"settings or run name); resuming from {checkpoint} would replace it: use another "
+                          "--output_dir, or --resume false to train again")
     return state
+
+
+def finished_run(output_dir: Path, settings: dict, run_name: str | None) -> dict | None:
+    """The final metrics of the run in ``output_dir``, when it finished with these settings (and
+    this run name, if one is given); else None."""
+    metrics_file = output_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    final = json.loads(metrics_file.read_text())
+    if final.get("settings") != settings or run_name not in (None, final["run_name"]):
+        return None
+    return final
 
 
 def load_checkpoint(engine, path: Path, d: Dist) -> None:
@@ -384,16 +418,36 @@ def write_outputs(engine, tokenizer, cfg: RewardConfig, output_dir: Path, final:
     if not d.is_main:
         return final
     tokenizer.save_pretrained(output_dir)
-    metrics_file = output_dir / "metrics.json"
-    metrics_file.write_text(json.dumps(final, indent=2))
-    if cfg.push_to_hub:
+    (output_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+    return publish(cfg, output_dir, final, run_log)
+
+
+def publish(cfg: RewardConfig, output_dir: Path, final: dict, run_log: RunLog) -> dict:
+    """The Hub push, unless metrics.json records one already, and the job's final status."""
+    if cfg.push_to_hub and "hub" not in final:
         from rmjob_trainer.hub import push_to_hub
 
-        final["hub"] = push_to_hub(cfg, output_dir, final)
-        metrics_file.write_text(json.dumps(final, indent=2))
+        # The settings are the run's identity, not results for the model card.
+        final["hub"] = push_to_hub(cfg, output_dir, {k: v for k, v in final.items() if k != "settings"})
+        (output_dir / "metrics.json").write_text(json.dumps(final, indent=2))
         run_log.tracker.link_hub(final["hub"]["url"])
     run_log.report(final["step"], final, done=True, **({"hub": final["hub"]} if "hub" in final else {}))
     run_log.tracker.finish()
+    return final
+
+
+def finish_again(cfg: RewardConfig, output_dir: Path, final: dict, d: Dist) -> dict:
+    """A restart of a run that finished (its pod replaced after metrics.json was written, during
+    the Hub push say): the model stays as it is; the Hub push, if it did not happen, and the
+    job's final status are done (again)."""
+    if d.is_main:
+        print(f"run {final['run_name']}: finished already ({output_dir / 'metrics.json'}); not training again")
+        # No new W&B run: it would hold nothing; the finished run's own holds the history.
+        run_log = RunLog(dataclasses.replace(cfg, with_tracking=False), final["run_name"], output_dir,
+                         final["step"], resumed_step=final["step"])
+        run_log.eval.update({k: v for k, v in final.items() if k.startswith(("eval/", BENCHMARK_PREFIX))})
+        final = publish(cfg, output_dir, final, run_log)
+    leave_distributed()
     return final
 
 
@@ -425,7 +479,13 @@ def train(cfg: RewardConfig) -> dict:
     if eval_dataset is None or len(eval_dataset) == 0:
         eval_steps = set()
     order = DataOrder(len(train_dataset), cfg.seed, batch_size, d.world_size, micro_batch_size)
-    settings = optimization_settings(cfg, d.world_size, len(train_dataset), total_episodes, engine_kind(ds_config))
+    settings = optimization_settings(
+        cfg, d.world_size, len(train_dataset), total_episodes, engine_kind(ds_config),
+        deepspeed=deepspeed_optimization(ds_config),
+        train_data=broadcast_object(data_hash(train_dataset) if d.is_main else None))
+    finished = broadcast_object(finished_run(output_dir, settings, cfg.run_name)) if cfg.resume else None
+    if finished:
+        return finish_again(cfg, output_dir, finished, d)
 
     checkpoint = latest_checkpoint(output_dir) if cfg.resume else None
     checkpoint = broadcast_object(checkpoint)  # every rank resumes from the same one
@@ -447,8 +507,10 @@ def train(cfg: RewardConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         if not resumed:
             # A new run replaces whatever finished in output_dir before: no old metrics.json next
-            # to a model in the making.
+            # to a model in the making, and no older run's checkpoints (rotation keeps the highest
+            # steps, which could be theirs, and a later resume would continue them).
             (output_dir / "metrics.json").unlink(missing_ok=True)
+            shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
         print(f"run {run_name}: {num_training_steps} steps of {batch_size} pairs on {d.world_size} process(es)"
               + (f", resuming from {checkpoint}" if checkpoint else ""))
         run_log = RunLog(cfg, run_name, output_dir, num_training_steps, start_step if resumed else None)
@@ -490,7 +552,8 @@ def train(cfg: RewardConfig) -> dict:
                              "data_order": order.state(step + 1)}
             save_checkpoint(engine, output_dir, step + 1, trainer_state, d, cfg.checkpoints_total_limit)
 
-    final = {"run_name": run_name, "step": num_training_steps, **metrics}  # the last step evaluated
+    final = {"run_name": run_name, "step": num_training_steps, **metrics,  # the last step evaluated
+             "settings": settings}
     final.update(normalization_stats(engine, train_dataset, tokenizer, cfg, d, final))
     for key in ("reward_mean", "reward_std", "reward_normalization_dataset"):
         setattr(engine.hf_model.config, key, final[key])  # saved in config.json with the model

@@ -182,7 +182,7 @@ def evaluate(engine, dataset, tokenizer, cfg: RewardConfig, d: Dist) -> tuple[di
 
 def normalization_stats(engine, train_dataset, tokenizer, cfg: RewardConfig, d: Dist, final: dict) -> dict:
     """The final model's reward mean and std on the eval set (its last evaluation), or on the
-    training set when there is no eval set, and which set that was."""
+    training set when there is no eval set; saved in ``config.json`` and ``metrics.json``."""
     if "eval/rm/reward_mean" in final:
         return {"reward_mean": final["eval/rm/reward_mean"], "reward_std": final["eval/rm/reward_std"],
                 "reward_normalization_dataset": "eval"}
@@ -554,11 +554,9 @@ def train(cfg: RewardConfig) -> dict:
 
     final = {"run_name": run_name, "step": num_training_steps, **metrics,  # the last step evaluated
              "settings": settings}
-    stats = normalization_stats(engine, train_dataset, tokenizer, cfg, d, final)
-    for key, value in stats.items():
-        setattr(engine.hf_model.config, key, value)  # saved in config.json with the model
-    # metrics.json holds numbers (and the run's identity); the set's name is in config.json
-    final.update(reward_mean=stats["reward_mean"], reward_std=stats["reward_std"])
+    final.update(normalization_stats(engine, train_dataset, tokenizer, cfg, d, final))
+    for key in ("reward_mean", "reward_std", "reward_normalization_dataset"):
+        setattr(engine.hf_model.config, key, final[key])  # saved in config.json with the model
     final = write_outputs(engine, tokenizer, cfg, output_dir, final, run_log, d)
     engine.close()
     leave_distributed()

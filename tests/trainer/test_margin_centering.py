@@ -151,8 +151,8 @@ def _recomputed_stats(output_dir, dataset) -> tuple[float, float]:
 def _saved_stats(output_dir, metrics: dict, split: str) -> tuple[float, float]:
     config = json.loads((output_dir / "config.json").read_text())
     saved = json.loads((output_dir / "metrics.json").read_text())
-    for record in (config, saved, metrics):
-        assert record["reward_normalization_dataset"] == split
+    assert config["reward_normalization_dataset"] == split
+    for record in (saved, metrics):
         assert record["reward_mean"] == config["reward_mean"] and record["reward_std"] == config["reward_std"]
     return config["reward_mean"], config["reward_std"]
 

@@ -17,6 +17,7 @@ processes sees the same pairs per optimizer step as one process with N times the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import xxhash
 from tqdm.auto import tqdm
 
 from rmjob_trainer import ConfigError, DataError
@@ -182,7 +182,7 @@ def evaluate(engine, dataset, tokenizer, cfg: RewardConfig, d: Dist) -> tuple[di
 
 def normalization_stats(engine, train_dataset, tokenizer, cfg: RewardConfig, d: Dist, final: dict) -> dict:
     """The final model's reward mean and std on the eval set (its last evaluation), or on the
-    training set when there is no eval set; saved in ``config.json`` and ``metrics.json``."""
+    training set when there is no eval set, and which set that was."""
     if "eval/rm/reward_mean" in final:
         return {"reward_mean": final["eval/rm/reward_mean"], "reward_std": final["eval/rm/reward_std"],
                 "reward_normalization_dataset": "eval"}
@@ -287,7 +287,7 @@ def data_hash(dataset) -> str:
     restarts still resumes, and data changed under the same name and row count does not."""
     from rmjob_trainer.data import MARGIN_KEY
 
-    digest = xxhash.xxh3_128()  # datasets' own hash: GB/s, where hashlib's are ten times slower
+    digest = hashlib.blake2b(digest_size=16)
     columns = [column for column in (CHOSEN, REJECTED, MARGIN_KEY) if column in dataset.column_names]
     for table in dataset.with_format("arrow", columns=columns).iter(batch_size=10_000):
         for column in columns:
@@ -554,9 +554,11 @@ def train(cfg: RewardConfig) -> dict:
 
     final = {"run_name": run_name, "step": num_training_steps, **metrics,  # the last step evaluated
              "settings": settings}
-    final.update(normalization_stats(engine, train_dataset, tokenizer, cfg, d, final))
-    for key in ("reward_mean", "reward_std", "reward_normalization_dataset"):
-        setattr(engine.hf_model.config, key, final[key])  # saved in config.json with the model
+    stats = normalization_stats(engine, train_dataset, tokenizer, cfg, d, final)
+    for key, value in stats.items():
+        setattr(engine.hf_model.config, key, value)  # saved in config.json with the model
+    # metrics.json holds numbers (and the run's identity); the set's name is in config.json
+    final.update(reward_mean=stats["reward_mean"], reward_std=stats["reward_std"])
     final = write_outputs(engine, tokenizer, cfg, output_dir, final, run_log, d)
     engine.close()
     leave_distributed()

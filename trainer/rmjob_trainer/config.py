@@ -134,7 +134,9 @@ class RewardConfig:
                                    minimum=1)
     )
     lora_dropout: float = field(
-        default=0.05, metadata=_help("Dropout on the LoRA path (with --use_peft).", minimum=0)
+        default=0.0,
+        metadata=_help("Dropout on the LoRA path (with --use_peft). Default 0, as every other dropout of "
+                       "the reward model (TRL's default is 0.05).", minimum=0),
     )
     lora_target_modules: Optional[list[str]] = field(
         default=None,

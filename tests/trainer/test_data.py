@@ -4,6 +4,7 @@ the bundled dataset and the tiny model builder."""
 import json
 import logging
 import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,7 @@ from rmjob_trainer.data import (
     INPUT_IDS_REJECTED_KEY,
     PreferenceDatasetProcessor,
     build_datasets,
+    eval_mixer,
     load_mixture,
     load_source,
     set_chat_template,
@@ -413,3 +415,24 @@ def test_no_eval_set_is_loaded_without_evaluations(tokenizer, tmp_path):
     assert len(train) == 12 and evaluation is None
     with pytest.raises(DataError, match=r"test"):
         build_datasets(config({source: 1.0}), tokenizer)  # evaluations asked for: the split must exist
+
+
+@pytest.mark.parametrize("train_split,eval_split", [
+    ("train", "train[:10%]"), ("train[:50%]", "train[25%:75%]"), ("train", "train+test"), ("train[:10]", "train[5:20]"),
+    ("train[:1000]", "train[-100:]"), ("train[:50%]", "train[50%:](pct1_dropremainder)"),
+])
+def test_default_eval_on_rows_of_the_training_split_is_refused(train_split, eval_split):
+    """datasets' split syntax: "+" joins splits, [a:b] slices rows or percentages. Rows counted
+    from the end, or slices in other units or roundings, may overlap: refused too."""
+    cfg = config({"org/prefs": 1.0}, dataset_train_splits=[train_split], dataset_eval_splits=[eval_split])
+    with pytest.raises(DataError, match=rf"^--dataset_eval_splits: org/prefs would be evaluated on its training split "
+                                        rf"'{re.escape(train_split)}' \(eval split '{re.escape(eval_split)}' shares"):
+        eval_mixer(cfg)
+
+
+def test_default_eval_on_a_disjoint_slice_of_the_training_split(tokenizer, tmp_path):
+    source = _hub_layout(tmp_path / "hub", {"train": _rows(20, "train")})
+    cfg = config({source: 1.0}, dataset_train_splits=["train[:75%]"], dataset_eval_splits=["train[-25%:]"])
+    train, evaluation = build_datasets(cfg, tokenizer)
+    questions = [{row["chosen"][0]["content"] for row in split} for split in (train, evaluation)]
+    assert questions == [{f"train question {i}" for i in range(15)}, {f"train question {i}" for i in range(15, 20)}]

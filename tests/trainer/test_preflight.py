@@ -163,6 +163,13 @@ MISTAKES = [
             ("--model_name_or_path: is required",)),
     Mistake("config_file_missing", lambda ws: ws.base(config=str(ws.root / "run.yaml")),
             ("--config: cannot read", "run.yaml")),
+    # --- the default eval set: names only, so before any data -------------------------------
+    Mistake("default_eval_set_is_the_training_file",
+            lambda ws: ws.base(dataset_mixer=json.dumps({str(ws.file("prefs.jsonl", "{}\n")): 1.0})),
+            ("--dataset_eval_mixer is needed:", "prefs.jsonl has no splits", "would be the training rows")),
+    Mistake("default_eval_split_slices_the_training_split", lambda ws: ws.base(dataset_eval_splits="train[:10%]"),
+            ("--dataset_eval_splits:", "would be evaluated on its training split 'train' (eval split 'train[:10%]'",
+             "give --dataset_eval_mixer")),
     # --- the data (found once it is read, still before the model and any output) ------------
     Mistake("unknown_split", lambda ws: ws.base(dataset_train_splits="tran"),
             ("cannot load", "[tran]"), before_data=False),
@@ -374,14 +381,25 @@ def test_a_single_process_decides_alone():
     assert agree("x", {}) == "x" and agree(None, {"WORLD_SIZE": "2"}) is None
 
 
+def _typo_model(ws: Workspace) -> tuple[list[str], str]:
+    return (ws.base(model_name_or_path=str(ws.root / "typo")),
+            f"error: --model_name_or_path: no such directory: {ws.root / 'typo'}; check the path")
+
+
+def _default_eval_of_a_training_file(ws: Workspace) -> tuple[list[str], str]:
+    data = ws.file("prefs.jsonl", "{}\n")
+    return (ws.base(dataset_mixer=json.dumps({str(data): 1.0})),
+            f"error: --dataset_eval_mixer is needed: {data} has no splits, so the default eval set")
+
+
 @pytest.mark.slow
-def test_torchrun_ranks_stop_together_with_the_same_line(tmp_path, tiny_model_dir, bundled_dataset_dir):
+@pytest.mark.parametrize("mistake", [_typo_model, _default_eval_of_a_training_file], ids=["model", "default_eval"])
+def test_torchrun_ranks_stop_together_with_the_same_line(mistake, tmp_path, tiny_model_dir, bundled_dataset_dir):
     ws = Workspace(tmp_path, tiny_model_dir, bundled_dataset_dir)
-    line = f"error: --model_name_or_path: no such directory: {tmp_path / 'typo'}; check the path"
+    argv, line = mistake(ws)
     env = {k: v for k, v in os.environ.items() if k not in USER_ENV}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rmjob_trainer",
-         *ws.base(model_name_or_path=str(tmp_path / "typo"))],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rmjob_trainer", *argv],
         capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0

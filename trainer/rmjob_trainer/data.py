@@ -48,6 +48,7 @@ from datasets.fingerprint import Hasher
 
 from rmjob_trainer import ConfigError, DataError
 from rmjob_trainer.chat_templates import CHAT_TEMPLATES, TOKENIZER_TEMPLATE
+from rmjob_trainer.preflight import check_default_eval_set
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +125,6 @@ def set_chat_template(tokenizer, name: str) -> None:
 
 
 # --- loading -------------------------------------------------------------------------------
-
-
-def has_no_splits(name: str) -> bool:
-    """Sources that are a single dataset, whatever split is asked for: a .json/.jsonl/.parquet
-    file or a ``save_to_disk`` folder of one Dataset."""
-    return name.endswith((".json", ".jsonl", ".parquet")) or (
-        Path(name).is_dir() and not (Path(name) / "dataset_dict.json").exists()
-        and (Path(name) / "state.json").exists())
 
 
 def load_source(name: str, split: str) -> Dataset:
@@ -555,21 +548,12 @@ def visualize_token(tokens: Sequence[int], tokenizer) -> None:
 def eval_mixer(cfg) -> dict[str, float]:
     """``--dataset_eval_mixer``, or by default every training dataset read whole at its
     ``--dataset_eval_splits`` split (the training mixer's fractions and row counts are for its
-    training splits). A default that would be training rows is a DataError: a source without
-    splits, or an eval split equal to the training split."""
+    training splits). A default that would be training rows is a DataError
+    (:func:`rmjob_trainer.preflight.check_default_eval_set`, also a first-run check)."""
     if cfg.dataset_eval_mixer:
         return cfg.dataset_eval_mixer
-    names = list(cfg.dataset_mixer)
-    pairs = zip(names, _per_source(cfg.dataset_train_splits, len(names)),
-                _per_source(cfg.dataset_eval_splits, len(names)))
-    for name, train_split, eval_split in pairs:
-        if has_no_splits(name):
-            raise DataError(f"--dataset_eval_mixer is needed: {name} has no splits, so the default eval set "
-                            "(the training datasets at --dataset_eval_splits) would be the training rows")
-        if eval_split == train_split:
-            raise DataError(f"--dataset_eval_splits: {name} would be evaluated on its training split "
-                            f"{train_split!r}; name another split or give --dataset_eval_mixer")
-    return dict.fromkeys(names, 1.0)
+    check_default_eval_set(cfg)
+    return dict.fromkeys(cfg.dataset_mixer, 1.0)
 
 
 def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None]:

@@ -1,8 +1,9 @@
 """First-run checks: every user mistake that needs no data, found before any data or model.
 
 :func:`check` runs, in every process and before the process group exists, the checks that
-cost milliseconds (output directory, DeepSpeed config, Hub token, W&B credentials) and then
-the one that may touch the network (the model: a local directory, the Hub cache or the Hub).
+cost milliseconds (output directory, DeepSpeed config, the default eval set's sources and
+splits, Hub token, W&B credentials) and then the one that may touch the network (the model: a
+local directory, the Hub cache or the Hub).
 Each failure is a :class:`~rmjob_trainer.UserInputError` whose message names the problem and
 what to do, printed by the command line as one ``error:`` line.
 
@@ -17,8 +18,10 @@ Everything but :func:`plan` is torch-free.
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from configparser import ConfigParser
@@ -28,7 +31,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from rmjob_trainer import ConfigError
+from rmjob_trainer import ConfigError, DataError
 from rmjob_trainer.config import RewardConfig
 
 OFFLINE_HINT = "give a local model directory, or use a copy in the Hub cache with HF_HUB_OFFLINE=1"
@@ -49,6 +52,8 @@ def check(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> None:
     """All checks that need no data, cheapest first. Raises UserInputError on the first mistake."""
     check_output_dir(cfg)
     check_deepspeed(cfg, environ)
+    if cfg.num_evals > 0:
+        check_default_eval_set(cfg)
     if cfg.push_to_hub:
         from rmjob_trainer.hub import hub_token
 
@@ -125,6 +130,77 @@ def check_deepspeed(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) 
         _check_deepspeed_json(Path(section["deepspeed_config_file"]), f"--deepspeed: {path}: deepspeed_config_file")
     elif str(section.get("zero_stage", 2)) not in ("0", "1", "2", "3"):
         raise ConfigError(f"--deepspeed: {path}: zero_stage must be 0, 1, 2 or 3, got {section['zero_stage']!r}")
+
+
+def has_no_splits(name: str) -> bool:
+    """Sources that are a single dataset, whatever split is asked for: a .json/.jsonl/.parquet
+    file or a ``save_to_disk`` folder of one Dataset."""
+    return name.endswith((".json", ".jsonl", ".parquet")) or (
+        Path(name).is_dir() and not (Path(name) / "dataset_dict.json").exists()
+        and (Path(name) / "state.json").exists())
+
+
+# One part of datasets' split syntax ("train", "train[:10%]", "test[10:-5]", "train[:20%](closest)"),
+# as datasets.arrow_reader parses it; parts are joined with "+".
+_SPLIT_PART = re.compile(r"^\s*(?P<split>[^\s\[\]()+]+)\s*(?:\[\s*(?:(?P<start>-?[\d_]+)(?P<start_pct>%)?)?\s*:"
+                         r"\s*(?:(?P<stop>-?[\d_]+)(?P<stop_pct>%)?)?\s*\])?\s*(?:\((?P<rounding>[^)]*)\))?\s*$")
+# Parts that overlap every part of their split: a whole split, and rows counted from the end
+# (where they lie depends on the split's size).
+_WHOLE, _UNPLACED = "whole", "unplaced"
+
+
+def _split_parts(spec: str) -> list[tuple[str, str, float, float]]:
+    """``spec``'s parts as (split, unit, start, stop); a part that does not parse counts as a
+    whole split of that name."""
+    parts = []
+    for part in spec.split("+"):
+        match = _SPLIT_PART.match(part)
+        if match is None or match["start"] is match["stop"] is None:
+            parts.append((match["split"] if match else part.strip(), _WHOLE, 0, 0))
+            continue
+        percent = bool(match["start_pct"] or match["stop_pct"])  # datasets: one unit per part
+        start = int(match["start"] or 0)
+        stop = int(match["stop"]) if match["stop"] is not None else (100 if percent else math.inf)
+        if percent:
+            # Negative percentages count from the end. datasets rounds every boundary alike, so
+            # disjoint percentages (with the same rounding) are disjoint rows.
+            start, stop = (start + 100 if start < 0 else start), (stop + 100 if stop < 0 else stop)
+            parts.append((match["split"], f"% {match['rounding'] or 'closest'}", start, stop))
+        elif start < 0 or stop < 0:
+            parts.append((match["split"], _UNPLACED, 0, 0))
+        else:
+            parts.append((match["split"], "rows", start, stop))
+    return parts
+
+
+def _share_rows(a: tuple[str, str, float, float], b: tuple[str, str, float, float]) -> bool:
+    """Whether two split parts may hold the same rows."""
+    (split_a, unit_a, start_a, stop_a), (split_b, unit_b, start_b, stop_b) = a, b
+    if split_a != split_b:
+        return False
+    return unit_a != unit_b or unit_a in (_WHOLE, _UNPLACED) or (start_a < stop_b and start_b < stop_a)
+
+
+def check_default_eval_set(cfg: RewardConfig) -> None:
+    """Without ``--dataset_eval_mixer`` the eval set is every training dataset at its
+    ``--dataset_eval_splits`` split; a DataError when that would be training rows: a source
+    without splits, or an eval split that shares a split with the training split (datasets'
+    syntax: ``+`` joins splits, ``[a:b]`` slices rows or percentages; slices of one split are
+    accepted only when they cannot overlap)."""
+    if cfg.dataset_eval_mixer:
+        return
+    names = list(cfg.dataset_mixer)
+    train_splits, eval_splits = cfg.dataset_train_splits, cfg.dataset_eval_splits
+    for i, name in enumerate(names):
+        train_split = train_splits[i] if len(train_splits) > 1 else train_splits[0]
+        eval_split = eval_splits[i] if len(eval_splits) > 1 else eval_splits[0]
+        if has_no_splits(name):
+            raise DataError(f"--dataset_eval_mixer is needed: {name} has no splits, so the default eval set "
+                            "(the training datasets at --dataset_eval_splits) would be the training rows")
+        if any(_share_rows(t, e) for t in _split_parts(train_split) for e in _split_parts(eval_split)):
+            raise DataError(f"--dataset_eval_splits: {name} would be evaluated on its training split "
+                            f"{train_split!r} (eval split {eval_split!r} shares rows with it); name another "
+                            "split or a disjoint slice, or give --dataset_eval_mixer")
 
 
 def _wandb_host(environ: Mapping[str, str]) -> str:

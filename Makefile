@@ -9,8 +9,8 @@ export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
 install: $(STAMP) k8s-tools
 
-# torch first and pinned: this machine has the 2.13.0 CPU wheel on disk; any looser spec
-# would pull gigabytes of CUDA wheels.
+# torch first and pinned, so that no later requirement swaps it for another build (PyPI's
+# 2.13.0 is the CUDA build, ~3.5 GB with its nvidia wheels; it runs on the CPU too).
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
-# Without the tests that start the local Kubernetes control plane.
+# The day-to-day loop: without the local Kubernetes control plane, the image builds and the
+# multi-process runs (`make test` runs everything).
 test-fast: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not cluster"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not cluster and not images and not slow"
 
 # The local Kubernetes control plane (hack/k8s, pinned in its go.mod files) is built from the Go
 # module proxy; the script skips binaries already at their pinned version. Without go it is left

@@ -229,3 +229,20 @@ def test_other_families_fall_back_to_padding_with_a_log_line(caplog):
     assert model.config._attn_implementation == "sdpa"
     warnings = [r.getMessage() for r in caplog.records if r.name == "rmjob_trainer.packing"]
     assert len(warnings) == 1 and "olmo2" in warnings[0] and "padded" in warnings[0]
+
+
+@pytest.mark.parametrize("family", ["mistral", "phi3", "qwen2", "qwen3", "gemma3_text"])
+def test_varlen_model_keeps_the_window_on_a_batch_without_attention_mask(family):
+    """Rows of equal length passed without attention_mask (no padding to mask): after the switch
+    to sdpa_varlen, windowed layers still drop the far past, as plain sdpa does."""
+    import copy
+
+    model = family_model(family)
+    reference = copy.deepcopy(model)  # plain sdpa
+    rows = torch.randint(1, 97, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        packed_rewards(model, collate_packed(sequences()))
+        assert model.config._attn_implementation == VARLEN_SDPA
+        switched = model(input_ids=rows).logits.squeeze(-1)
+        plain = reference(input_ids=rows).logits.squeeze(-1)
+    torch.testing.assert_close(switched, plain, rtol=0, atol=1e-5)

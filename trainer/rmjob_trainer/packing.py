@@ -134,6 +134,19 @@ def _segment_bounds(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, starts.new_tensor([len(positions)])])
 
 
+def _window_mask(query_length: int, key_length: int, sliding_window: int, causal: bool,
+                 device: torch.device) -> torch.Tensor:
+    """masking_utils' window, ``[1, 1, query_length, key_length]``: a query sees keys fewer than
+    ``sliding_window`` positions back (a bidirectional layer: or ahead); the queries are the last
+    ``query_length`` positions of the keys."""
+    queries = torch.arange(key_length - query_length, key_length, device=device)
+    distance = queries[:, None] - torch.arange(key_length, device=device)[None, :]  # query - key position
+    mask = distance.abs() < sliding_window
+    if causal:
+        mask &= distance >= 0
+    return mask[None, None]
+
+
 def sdpa_varlen_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -155,25 +168,24 @@ def sdpa_varlen_attention(
     (scaling, causality, grouped-query heads, its slice of a position bias), plus a window
     mask when the layer has a ``sliding_window``.
     """
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
     packed = attention_mask is None and query.shape[0] == 1 and key.shape[2] == query.shape[2]
     if packed and cu_seq_lens_q is None and position_ids is not None:
         cu_seq_lens_q = _segment_bounds(position_ids)
     if not packed or cu_seq_lens_q is None:
+        if attention_mask is None and sliding_window is not None:
+            # _sdpa_varlen_mask built no mask, so sdpa's window mask is built here.
+            attention_mask = _window_mask(query.shape[2], key.shape[2], sliding_window, causal, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids,
                                       sliding_window=sliding_window, position_bias=position_bias, **kwargs)
 
-    causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if causal is None else causal
     bounds = cu_seq_lens_q.tolist()
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         window_mask = None
         if sliding_window is not None and end - start > 1:
-            distance = torch.arange(end - start, device=query.device)
-            distance = distance[:, None] - distance[None, :]  # query index - key index
-            # masking_utils' window: a query sees keys less than `sliding_window` positions back
-            window_mask = (distance.abs() < sliding_window) & ((distance >= 0) if causal else True)
-            window_mask = window_mask[None, None]
+            window_mask = _window_mask(end - start, end - start, sliding_window, causal, query.device)
         bias = None if position_bias is None else position_bias[..., start:end, start:end]
         output, _ = sdpa_attention_forward(
             module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], window_mask,

@@ -131,6 +131,14 @@ def test_lora_run_resumes_from_its_checkpoint_to_the_same_final_metrics(
         assert resumed[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
 
 
+def test_lora_target_modules_matching_nothing_is_one_clear_error(tiny_model_dir):
+    from rmjob_trainer.model import load_model, load_tokenizer
+
+    cfg = RewardConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_target_modules=["q_proj"])
+    with pytest.raises(ConfigError, match=r"^--lora_target_modules \['q_proj'\]: .*model type 'gpt_neox'"):
+        load_model(cfg, load_tokenizer(cfg))
+
+
 # --- 2-process runs -------------------------------------------------------------------------
 def _flags(model_dir, dataset_dir, output_dir, grad_accum: int) -> list[str]:
     return [

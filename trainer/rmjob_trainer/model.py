@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from rmjob_trainer import ConfigError
 from rmjob_trainer.config import RewardConfig
 
 PAD_TOKEN = "[PAD]"  # what open-instruct adds to tokenizers that lack one
@@ -120,7 +121,13 @@ def add_lora(model: PreTrainedModel, cfg: RewardConfig):
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
                       modules_to_save=["score"])
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # no default targets for this architecture, or none of the names match
+        first_line = str(e).strip().splitlines()[0]
+        raise ConfigError(f"--lora_target_modules {cfg.lora_target_modules or '(default)'}: {first_line} "
+                          f"(model type {model.config.model_type!r}; name its linear layers, or "
+                          "'all-linear')") from None
 
 
 def save_merged(model, output_dir) -> None:

@@ -117,6 +117,13 @@ MISTAKES = [
             ("--with_tracking needs W&B credentials for https://wandb.example.com", "`wandb login`"),
             env=lambda ws: {"WANDB_BASE_URL": "https://wandb.example.com",
                             "NETRC": str(ws.file("netrc", f"machine api.wandb.ai login user password {'k' * 40}\n"))}),
+    Mistake("wandb_key_truncated", lambda ws: ws.base() + ["--with_tracking"],
+            ("the W&B key in WANDB_API_KEY is not a W&B API key (API key must have 40+ characters, has 6)",
+             "https://wandb.ai/authorize"),
+            env=lambda ws: {"WANDB_API_KEY": "abc123"}),
+    Mistake("wandb_key_and_identity_token_file", lambda ws: ws.base() + ["--with_tracking"],
+            ("both WANDB_API_KEY and WANDB_IDENTITY_TOKEN_FILE are set", "unset one of them"),
+            env=lambda ws: {"WANDB_API_KEY": "k" * 40, "WANDB_IDENTITY_TOKEN_FILE": str(ws.file("token", "jwt"))}),
     Mistake("wandb_mode_typo", lambda ws: ws.base() + ["--with_tracking"],
             ("WANDB_MODE='ofline' is not a W&B mode", "use online, offline or disabled"),
             env=lambda ws: {"WANDB_MODE": "ofline"}),
@@ -320,6 +327,17 @@ def _netrc_line(host: str) -> str:
     ("wandb_login_host_saved_in_settings",
      {"home/.netrc": _netrc_line("wandb.example.com"),
       "home/.config/wandb/settings": "[default]\nbase_url = https://wandb.example.com\n"}, {}, True),
+    # the workspace file (./wandb/settings, `wandb login --host` without --relogin globally) wins
+    ("workspace_settings_base_url",
+     {"home/.netrc": _netrc_line("wandb.example.com"),
+      "work/wandb/settings": "[default]\nbase_url = https://wandb.example.com\n"}, {}, True),
+    ("workspace_settings_override_global",
+     {"home/.netrc": _netrc_line("api.wandb.ai"),
+      "home/.config/wandb/settings": "[default]\nbase_url = https://api.wandb.ai\n",
+      "work/wandb/settings": "[default]\nbase_url = https://wandb.example.com\n"}, {}, False),
+    ("dot_wandb_workspace_settings",
+     {"home/.netrc": _netrc_line("wandb.example.com"),
+      "work/.wandb/settings": "[default]\nbase_url = https://wandb.example.com\n"}, {}, True),
 ])
 def test_tracking_credentials_found_where_wandb_finds_them(name, files, env, has_credentials, tmp_path, monkeypatch):
     for relative, text in files.items():
@@ -327,16 +345,18 @@ def test_tracking_credentials_found_where_wandb_finds_them(name, files, env, has
         (tmp_path / relative).write_text(text)
         (tmp_path / relative).chmod(0o600)
     (tmp_path / "home").mkdir(exist_ok=True)
+    (tmp_path / "work").mkdir(exist_ok=True)
     child_env = {k: v for k, v in os.environ.items() if k not in USER_ENV and not k.startswith("WANDB_")}
     child_env.update(HOME=str(tmp_path / "home"), WANDB_DIR=str(tmp_path / "wandb"),
                      **{k: v.format(root=tmp_path) for k, v in env.items()})
     wandb_says = subprocess.run([sys.executable, "-c", WANDB_VERDICT], capture_output=True, text=True,
-                                env=child_env, timeout=120)
+                                env=child_env, cwd=tmp_path / "work", timeout=120)
     assert wandb_says.returncode == 0, wandb_says.stderr
     assert json.loads(wandb_says.stdout.splitlines()[-1]) is has_credentials
 
     cfg = RewardConfig(with_tracking=True)
     monkeypatch.setenv("HOME", child_env["HOME"])  # ~ in the default netrc and settings paths
+    monkeypatch.chdir(tmp_path / "work")
     if has_credentials:
         check_tracking(cfg, child_env)
     else:
@@ -348,6 +368,23 @@ def test_tracking_credentials_found_where_wandb_finds_them(name, files, env, has
 def test_tracking_offline_needs_no_credentials(mode, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     check_tracking(RewardConfig(with_tracking=True), {"WANDB_MODE": mode})
+
+
+@pytest.mark.parametrize("command", ["offline", "disabled"])
+def test_wandb_offline_command_needs_no_credentials(command, tmp_path, monkeypatch):
+    """`wandb offline` / `wandb disabled` write the mode into ./wandb/settings, not WANDB_MODE."""
+    (tmp_path / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in USER_ENV and not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path / "home")
+    subprocess.run([str(Path(sys.executable).with_name("wandb")), command], env=env, cwd=tmp_path, check=True,
+                   capture_output=True, timeout=120)
+    assert (tmp_path / "wandb" / "settings").is_file()
+    monkeypatch.setenv("HOME", env["HOME"])
+    monkeypatch.chdir(tmp_path)
+    check_tracking(RewardConfig(with_tracking=True), env)
+    monkeypatch.chdir(tmp_path / "home")  # elsewhere the same user has no credentials
+    with pytest.raises(ConfigError, match="--with_tracking needs W&B credentials"):
+        check_tracking(RewardConfig(with_tracking=True), env)
 
 
 # --- one verdict for all ranks ---------------------------------------------------------------

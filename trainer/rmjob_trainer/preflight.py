@@ -17,6 +17,7 @@ Everything but :func:`plan` is torch-free.
 
 from __future__ import annotations
 
+import configparser
 import json
 import math
 import netrc
@@ -24,7 +25,6 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from configparser import ConfigParser
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -203,38 +203,80 @@ def check_default_eval_set(cfg: RewardConfig) -> None:
                             "split or a disjoint slice, or give --dataset_eval_mixer")
 
 
-def _wandb_host(environ: Mapping[str, str]) -> str:
-    """The W&B server wandb will use: WANDB_BASE_URL, else what `wandb login --host` saved."""
-    if environ.get("WANDB_BASE_URL"):
-        return environ["WANDB_BASE_URL"]
-    config_dir = environ.get("WANDB_CONFIG_DIR") or os.path.expanduser("~/.config/wandb")
-    settings = ConfigParser()
-    settings.read(os.path.join(config_dir, "settings"))
-    return settings.get("default", "base_url", fallback=WANDB_DEFAULT_BASE_URL)
+def _wandb_settings(environ: Mapping[str, str], cwd: Path | None = None) -> dict[str, str]:
+    """The settings wandb reads from its files, as ``wandb_setup`` merges them: the global file
+    (``$WANDB_CONFIG_DIR/settings``, else ``~/.config/wandb/settings``) overridden by the
+    workspace file that ``wandb offline``/``disabled``/``login --host`` write in the working
+    directory (``./.wandb/settings`` if ``./.wandb`` exists, else ``./wandb/settings``).
+    wandb picks the workspace file before it reads WANDB_DIR, so WANDB_DIR does not move it."""
+    config_dir = environ.get("WANDB_CONFIG_DIR")
+    global_file = Path(config_dir).expanduser() / "settings" if config_dir else \
+        Path("~", ".config", "wandb", "settings").expanduser()
+    cwd = cwd or Path.cwd()
+    workspace_file = cwd / (".wandb" if (cwd / ".wandb").exists() else "wandb") / "settings"
+    merged: dict[str, str] = {}
+    for path in (global_file, workspace_file):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+            merged.update(parser.items("default") if parser.has_section("default") else {})
+        except (OSError, UnicodeDecodeError, configparser.Error):
+            continue  # wandb warns and ignores an unreadable settings file
+    return merged
 
 
-def _netrc_has_key(host: str, environ: Mapping[str, str]) -> bool:
+def _netrc_key(host: str, environ: Mapping[str, str]) -> str | None:
     path = environ.get("NETRC") or os.path.expanduser("~/.netrc")
     try:
         entry = netrc.netrc(os.path.expanduser(path)).authenticators(urlsplit(host).netloc)
     except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(entry and entry[2])
+        return None
+    return entry[2] if entry and entry[2] else None
+
+
+def _check_wandb_key(key: str, source: str) -> None:
+    """wandb.init refuses a malformed key before any network; so does this, with wandb's own rule."""
+    from wandb.sdk.lib.wbauth.validation import check_api_key
+
+    problem = check_api_key(key)
+    if problem:
+        raise ConfigError(f"--with_tracking: the W&B key in {source} is not a W&B API key ({problem.rstrip('.')}); "
+                          "set it again from https://wandb.ai/authorize, or run `wandb login`")
 
 
 def check_tracking(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> None:
-    """``--with_tracking`` has W&B credentials where wandb looks for them, or runs offline."""
+    """``--with_tracking`` has W&B credentials where wandb looks for them, or runs offline.
+
+    Follows wandb's precedence: environment variables over the workspace settings file over
+    the global one (:func:`_wandb_settings`)."""
     if not cfg.with_tracking:
         return
-    mode = environ.get("WANDB_MODE", "online")
+    settings = _wandb_settings(environ)
+    mode = environ.get("WANDB_MODE") or settings.get("mode", "online")
     if mode not in WANDB_MODES:
-        raise ConfigError(f"--with_tracking: WANDB_MODE={mode!r} is not a W&B mode; use online, offline or disabled")
-    if mode in WANDB_LOCAL_MODES or environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        where = "WANDB_MODE" if environ.get("WANDB_MODE") else "mode in the W&B settings file"
+        raise ConfigError(f"--with_tracking: {where}={mode!r} is not a W&B mode; use online, offline or disabled")
+    if mode in WANDB_LOCAL_MODES:
         return
-    host = _wandb_host(environ)
-    if not _netrc_has_key(host, environ):
-        raise ConfigError(f"--with_tracking needs W&B credentials for {host}: set WANDB_API_KEY, run "
-                          "`wandb login`, or set WANDB_MODE=offline (sync later) or WANDB_MODE=disabled")
+    api_key, token_file = environ.get("WANDB_API_KEY"), environ.get("WANDB_IDENTITY_TOKEN_FILE")
+    if api_key and token_file:
+        raise ConfigError("--with_tracking: both WANDB_API_KEY and WANDB_IDENTITY_TOKEN_FILE are set, which wandb "
+                          "refuses; unset one of them")
+    if token_file:
+        return
+    if api_key:
+        _check_wandb_key(api_key, "WANDB_API_KEY")
+        return
+    host = environ.get("WANDB_BASE_URL") or settings.get("base_url", WANDB_DEFAULT_BASE_URL)
+    key = _netrc_key(host, environ)
+    if key:
+        _check_wandb_key(key, environ.get("NETRC") or "~/.netrc")
+        return
+    if settings.get("api_key"):
+        _check_wandb_key(settings["api_key"], "the W&B settings file")
+        return
+    raise ConfigError(f"--with_tracking needs W&B credentials for {host}: set WANDB_API_KEY, run "
+                      "`wandb login`, or set WANDB_MODE=offline (sync later) or WANDB_MODE=disabled")
 
 
 def check_model(cfg: RewardConfig) -> None:

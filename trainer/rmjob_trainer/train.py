@@ -17,7 +17,6 @@ processes sees the same pairs per optimizer step as one process with N times the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xxhash
 from tqdm.auto import tqdm
 
 from rmjob_trainer import ConfigError, DataError
@@ -287,7 +287,7 @@ def data_hash(dataset) -> str:
     restarts still resumes, and data changed under the same name and row count does not."""
     from rmjob_trainer.data import MARGIN_KEY
 
-    digest = hashlib.blake2b(digest_size=16)
+    digest = xxhash.xxh3_128()  # datasets' own hash: GB/s, where hashlib's are ten times slower
     columns = [column for column in (CHOSEN, REJECTED, MARGIN_KEY) if column in dataset.column_names]
     for table in dataset.with_format("arrow", columns=columns).iter(batch_size=10_000):
         for column in columns:

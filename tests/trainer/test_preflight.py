@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +93,11 @@ def _unwritable_dir(ws: Workspace) -> Path:
     return locked / "out"
 
 
+def _symlink(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
 def _accelerate_yaml(ws: Workspace, section: str) -> str:
     return str(ws.file("accelerate.yaml", f"compute_environment: LOCAL_MACHINE\n{section}"))
 
@@ -135,6 +142,10 @@ MISTAKES = [
     Mistake("output_dir_under_a_file", lambda ws: ws.base(output_dir=str(ws.file("notes.txt") / "run1")),
             ("notes.txt is a file, so", "cannot be created", "choose another --output_dir"),
             untouched=lambda ws: ws.root / "notes.txt"),
+    Mistake("output_dir_dangling_symlink",
+            lambda ws: ws.base(output_dir=str(_symlink(ws.out, ws.root / "unmounted-volume" / "run1"))),
+            ("out is a symbolic link to", "unmounted-volume/run1, which does not exist", "choose another --output_dir"),
+            untouched=lambda ws: ws.root / "unmounted-volume"),
     Mistake("output_dir_not_writable", lambda ws: ws.base(output_dir=str(_unwritable_dir(ws))),
             ("--output_dir: cannot write in", "choose a writable --output_dir")),
     # --- DeepSpeed --------------------------------------------------------------------------
@@ -241,6 +252,35 @@ def test_user_mistake_is_one_line_before_any_work(mistake: Mistake, tmp_path, ti
     if mistake.before_data:
         assert result.stderr.count("\n") == 1 and result.stdout == "", output  # nothing else happened
         assert imported == [], f"the start-up checks let the run import {imported}"
+
+
+@pytest.mark.parametrize("flag", ["output_dir", "model_name_or_path"])
+def test_a_path_under_a_directory_the_user_may_not_enter_is_one_line(flag, tmp_path):
+    """Path.exists() raises PermissionError there; root enters everything, so root runs the CLI as nobody."""
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    if as_nobody and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv to drop privileges")
+    shared = Path(tempfile.mkdtemp(prefix="rmjob-perm-"))  # tmp_path itself is private to this user
+    try:
+        shared.chmod(0o777)
+        private = shared / "private"
+        (private / "model").mkdir(parents=True)
+        (private / "model" / "config.json").write_text("{}")
+        private.chmod(0o700 if as_nobody else 0o000)
+        paths = {"output_dir": str(shared / "out"), "model_name_or_path": str(shared / "no-model")}
+        paths[flag] = str(private / ("out" if flag == "output_dir" else "model"))
+        env = {k: v for k, v in os.environ.items() if k not in USER_ENV}
+        env["HOME"] = str(shared)
+        result = subprocess.run([*as_nobody, sys.executable, "-m", "rmjob_trainer", "--dataset_mixer", '{"d": 1.0}',
+                                 *[item for key, value in paths.items() for item in (f"--{key}", value)]],
+                                capture_output=True, text=True, env=env, cwd=shared, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr == (f"error: --{flag}: {paths[flag]} lies in {private}, which this user may not enter "
+                                 "(permission denied); " + ("choose an --output_dir this user may write\n"
+                                 if flag == "output_dir" else "give a model directory this user may read\n"))
+    finally:
+        private.chmod(0o700)
+        shutil.rmtree(shared)
 
 
 def test_the_table_has_at_least_twenty_mistakes_of_each_kind_the_issue_names():

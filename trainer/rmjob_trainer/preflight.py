@@ -65,11 +65,34 @@ def check(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> None:
 def check_output_dir(cfg: RewardConfig) -> None:
     """The directory can be created (or exists) and is writable; nothing is left in it."""
     path = Path(cfg.output_dir)
+    try:
+        _check_output_dir(path)
+    except PermissionError:  # Path.exists() itself fails under a directory one may not enter
+        raise ConfigError(f"--output_dir: {path} lies in {_closed_ancestor(path)}, which this user may not enter "
+                          "(permission denied); choose an --output_dir this user may write") from None
+
+
+def _closed_ancestor(path: Path) -> Path:
+    """The outermost directory above ``path`` that this user may not enter."""
+    for ancestor in reversed(path.absolute().parents):
+        if not os.access(ancestor, os.X_OK):
+            return ancestor
+    return path.absolute().parent
+
+
+def _check_output_dir(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"--output_dir: {path} is a symbolic link to {os.readlink(path)}, which does not exist "
+                          "(an unmounted volume?); create its target or choose another --output_dir")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--output_dir: {path} is a file, not a directory; remove it or choose another "
                           "--output_dir")
     existing = path
     while not existing.exists():
+        if existing.is_symlink():
+            raise ConfigError(f"--output_dir: {existing} is a symbolic link to {os.readlink(existing)}, which "
+                              "does not exist (an unmounted volume?); create its target or choose another "
+                              "--output_dir")
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"--output_dir: {existing} is a file, so {path} cannot be created; choose another "
@@ -288,11 +311,17 @@ def check_model(cfg: RewardConfig) -> None:
 
     name = cfg.model_name_or_path
     path = Path(name)
-    if path.is_file():
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+        has_config = is_dir and (path / "config.json").is_file()
+    except PermissionError:  # Path.is_file() itself fails under a directory one may not enter
+        raise ConfigError(f"--model_name_or_path: {name} lies in {_closed_ancestor(path)}, which this user may not "
+                          "enter (permission denied); give a model directory this user may read") from None
+    if is_file:
         raise ConfigError(f"--model_name_or_path: {name} is a file; give the model directory (with config.json) "
                           "or a Hub model id")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
+    if is_dir:
+        if not has_config:
             raise ConfigError(f"--model_name_or_path: {name} has no config.json; give the directory that "
                               "save_pretrained wrote, or a Hub model id")
         return

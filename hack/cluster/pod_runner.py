@@ -209,7 +209,8 @@ class _Pod:
         self.namespace, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
         self.dir = runner.workdir / self.namespace / self.name
         self.processes: dict[str, subprocess.Popen] = {}
-        self.working_containers: dict[str, str] = {}  # image mode: container name -> buildah's name
+        # Image mode: container name -> (buildah's container, its mount targets in the image).
+        self.working_containers: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.started_at: dict[str, str] = {}
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"pod-{self.namespace}/{self.name}", daemon=True)
@@ -383,16 +384,19 @@ class _Pod:
             options += ["--user", f"{security['runAsUser']}{group}"]
         if container.get("workingDir"):
             options += ["--workingdir", container["workingDir"]]
-        for mount in container.get("volumeMounts", []):
-            host = volume_dirs[mount["name"]] / mount.get("subPath", "")
-            options += ["-v", f"{host}:{mount['mountPath']}{':ro' if mount.get('readOnly') else ''}"]
         for key, value in env.items():
             options += ["-e", f"{key}={value}"]
         created = subprocess.run(["buildah", "from", "--pull=never", "--quiet", image],
                                  capture_output=True, text=True)
         if created.returncode != 0:
             raise PodUnsupported(f"container {name!r}: buildah from {image}: {_last_line(created.stderr)}")
-        self.working_containers[name] = working = created.stdout.strip()
+        working = created.stdout.strip()
+        self.working_containers[name] = (working, ())  # removed at the end even if what follows fails
+        targets = _mount_targets(working, [m["mountPath"] for m in container.get("volumeMounts", [])])
+        self.working_containers[name] = (working, tuple(targets))
+        for mount, target in zip(container.get("volumeMounts", []), targets):
+            host = volume_dirs[mount["name"]] / mount.get("subPath", "")
+            options += ["-v", f"{host}:{target}{':ro' if mount.get('readOnly') else ''}"]
         run_argv = ["buildah", "run", "--isolation", "chroot", *options, working, "--", *argv]
         return name, run_argv, {"PATH": os.environ.get("PATH", os.defpath)}, self.dir
 
@@ -401,13 +405,12 @@ class _Pod:
         mounts, removes the working containers; why the pod fails, if one broke its read-only root."""
         violations = []
         for container in self.pod["spec"]["containers"]:
-            working = self.working_containers.pop(container["name"], None)
+            working, targets = self.working_containers.pop(container["name"], (None, ()))
             if working is None:
                 continue
             if container["name"] in self.processes:
-                mounts = tuple(m["mountPath"].rstrip("/") for m in container.get("volumeMounts", []))
                 try:
-                    writes = written_outside(working, mounts)
+                    writes = written_outside(working, targets)
                 except (subprocess.CalledProcessError, OSError) as error:
                     violations.append(f"container {container['name']!r}: podman diff failed: {error}")
                     writes = []
@@ -529,6 +532,45 @@ def written_outside(working_container: str, allowed: tuple[str, ...]) -> list[st
     paths = [line.split(" ", 1)[1] for line in diff.stdout.splitlines()]
     leaves = [p for p in paths if not any(other.startswith(p + "/") for other in paths)]
     return [p for p in leaves if not any(p == a or p.startswith(a + "/") for a in allowed)]
+
+
+def _mount_targets(working_container: str, mount_paths: list[str]) -> list[str]:
+    """Each mount path with the symlinks of the container's filesystem resolved, as runc
+    resolves a mount's destination. buildah's chroot isolation does not: a volume bound at
+    /var/run/secrets/... (Debian's /var/run is a link to /run) would not show in the container."""
+    mounted = subprocess.run(["buildah", "mount", working_container], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        raise PodUnsupported(f"buildah mount {working_container}: {_last_line(mounted.stderr)}")
+    try:
+        return [resolve_in_root(Path(mounted.stdout.strip()), path) for path in mount_paths]
+    finally:
+        subprocess.run(["buildah", "umount", working_container], capture_output=True)
+
+
+def resolve_in_root(root: Path, path: str) -> str:
+    """``path`` inside the filesystem at ``root``, its symlinks followed within ``root``."""
+    pending = [part for part in path.split("/") if part]
+    resolved: list[str] = []
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            resolved = resolved[:-1]
+            continue
+        if part == ".":
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise PodUnsupported(f"mount path {path!r}: too many levels of symbolic links in the image")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            pending = [p for p in target.split("/") if p] + pending
+            continue
+        resolved.append(part)
+    return "/" + "/".join(resolved)
 
 
 def _last_line(text: str) -> str:

@@ -165,6 +165,12 @@ MISTAKES = [
     Mistake("deepspeed_zero_stage_typo",
             lambda ws: ws.base(deepspeed=_accelerate_yaml(ws, "deepspeed_config:\n  zero_stage: three\n")),
             ("zero_stage must be 0, 1, 2 or 3, got 'three'",)),
+    Mistake("deepspeed_batch_size_disagrees_with_flags",
+            lambda ws: ws.base(deepspeed=str(ws.file("ds.json", '{"train_micro_batch_size_per_gpu": 4}'))),
+            ("train_micro_batch_size_per_gpu 4 (the trainer's: --per_device_train_batch_size 1)",
+             'set these keys to "auto", drop them, or make them agree')),
+    Mistake("lora_with_zero3", lambda ws: ws.base(deepspeed=str(DS_CONFIGS / "deepspeed_zero3.yaml"), use_peft="true"),
+            ("--use_peft does not work with ZeRO-3", "use ZeRO-2 or DDP")),
     Mistake("accelerate_env_names_missing_json", lambda ws: ws.base(),
             ("ACCELERATE_DEEPSPEED_CONFIG_FILE: no such file:", "gone.json"),
             env=lambda ws: {"ACCELERATE_USE_DEEPSPEED": "true",
@@ -469,8 +475,15 @@ def _default_eval_of_a_training_file(ws: Workspace) -> tuple[list[str], str]:
             f"error: --dataset_eval_mixer is needed: {data} has no splits, so the default eval set")
 
 
+def _deepspeed_batch_size_disagrees(ws: Workspace) -> tuple[list[str], str]:
+    ds = ws.file("ds.json", '{"train_micro_batch_size_per_gpu": 4}')
+    return (ws.base(deepspeed=str(ds)), f"error: DeepSpeed config {ds}: train_micro_batch_size_per_gpu 4 (the "
+            "trainer's: --per_device_train_batch_size 1)")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mistake", [_typo_model, _default_eval_of_a_training_file], ids=["model", "default_eval"])
+@pytest.mark.parametrize("mistake", [_typo_model, _default_eval_of_a_training_file, _deepspeed_batch_size_disagrees],
+                         ids=["model", "default_eval", "deepspeed_batch_size"])
 def test_torchrun_ranks_stop_together_with_the_same_line(mistake, tmp_path, tiny_model_dir, bundled_dataset_dir):
     ws = Workspace(tmp_path, tiny_model_dir, bundled_dataset_dir)
     argv, line = mistake(ws)

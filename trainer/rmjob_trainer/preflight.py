@@ -33,6 +33,7 @@ import yaml
 
 from rmjob_trainer import ConfigError, DataError
 from rmjob_trainer.config import RewardConfig
+from rmjob_trainer.deepspeed_config import deepspeed_base_config, deepspeed_settings
 
 OFFLINE_HINT = "give a local model directory, or use a copy in the Hub cache with HF_HUB_OFFLINE=1"
 # wandb's own modes; "dryrun" is its old name for offline, "run" for online.
@@ -127,9 +128,18 @@ def _check_deepspeed_json(path: Path, source: str) -> None:
 
 
 def check_deepspeed(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> None:
-    """The DeepSpeed config that :func:`rmjob_trainer.distributed.deepspeed_settings` will read
-    parses: ``--deepspeed`` (JSON, or an accelerate YAML with a ``deepspeed_config`` section and
-    perhaps a ``deepspeed_config_file``), else accelerate's ``ACCELERATE_DEEPSPEED_CONFIG_FILE``."""
+    """The DeepSpeed config parses (:func:`_check_deepspeed_files`), and the config training
+    would give DeepSpeed can be built: its batch sizes agree with the flags, no LoRA under ZeRO-3."""
+    _check_deepspeed_files(cfg, environ)
+    settings = deepspeed_settings(cfg, environ)
+    if settings is not None:
+        deepspeed_base_config(settings, cfg, int(environ.get("WORLD_SIZE", 1)))
+
+
+def _check_deepspeed_files(cfg: RewardConfig, environ: Mapping[str, str]) -> None:
+    """The DeepSpeed config that :func:`rmjob_trainer.deepspeed_config.deepspeed_settings` will
+    read parses: ``--deepspeed`` (JSON, or an accelerate YAML with a ``deepspeed_config`` section
+    and perhaps a ``deepspeed_config_file``), else accelerate's ``ACCELERATE_DEEPSPEED_CONFIG_FILE``."""
     if not cfg.deepspeed:
         config_file = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE and config_file:
@@ -404,7 +414,7 @@ def plan(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> str:
     """
     import torch
 
-    from rmjob_trainer.distributed import build_deepspeed_config, deepspeed_settings, resolve_precision
+    from rmjob_trainer.distributed import build_deepspeed_config, resolve_precision
     from rmjob_trainer.hub import repo_name
     from rmjob_trainer.train import latest_checkpoint
 

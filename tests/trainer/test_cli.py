@@ -362,8 +362,9 @@ def test_data_errors_exit_2_with_one_line(tmp_path, tiny_model_dir):
     rows = [{"question": "q", "answer": "a"}]
     path = tmp_path / "no_columns.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
+    # --num_evals 0: a data file is no default eval set, which the first-run checks refuse before any data
     result = run_cli("--model_name_or_path", str(tiny_model_dir), "--dataset_mixer", json.dumps({str(path): 1.0}),
-                     "--output_dir", str(tmp_path / "out"))
+                     "--num_evals", "0", "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "missing column 'chosen'" in last and "no_columns.jsonl" in last

@@ -197,7 +197,8 @@ MISTAKES = [
     # --- the data (found once it is read, still before the model and any output) ------------
     Mistake("unknown_split", lambda ws: ws.base(dataset_train_splits="tran"),
             ("cannot load", "[tran]"), before_data=False),
-    Mistake("dataset_path_typo", lambda ws: ws.base(dataset_mixer=json.dumps({str(ws.root / "pairs.jsonl"): 1.0})),
+    Mistake("dataset_path_typo",  # --num_evals 0: a data file is no default eval set (refused before any data)
+            lambda ws: ws.base(dataset_mixer=json.dumps({str(ws.root / "pairs.jsonl"): 1.0}), num_evals="0"),
             ("cannot load", "pairs.jsonl"), before_data=False),
     Mistake("everything_filtered_out", lambda ws: ws.base(max_token_length="3"),
             ("the train dataset is empty after filtering with --max_token_length 3",), before_data=False),

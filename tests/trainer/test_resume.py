@@ -52,6 +52,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(tiny_model_dir, bundled_da
     # the start time, so the uninterrupted run's differs.
     assert f"run {got.pop('run_name')}:" in (tmp_path / "first.log").read_text()
     want.pop("run_name")
+    assert got.pop("settings") == want.pop("settings")
     assert got.keys() == want.keys()
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key

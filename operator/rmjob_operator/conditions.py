@@ -62,11 +62,18 @@ def pytorchjob_state(status: dict) -> WorkloadState:
 def job_state(status: dict) -> WorkloadState:
     """batch/v1 Job: conditions Complete / Failed / Suspended, else the ready pod count.
 
+    From Kubernetes 1.31 the Job controller first sets ``SuccessCriteriaMet`` or
+    ``FailureTarget`` and adds ``Complete`` / ``Failed`` only once every pod has terminated
+    (seconds to a grace period later). The outcome is final at the first condition: the API
+    server refuses a Job that goes from ``SuccessCriteriaMet`` to ``Failed`` or that carries
+    both (KEP-3998, KEP-3329), so the phase is set there, not left Pending meanwhile.
+
     ``active`` counts pods that are not finished, unschedulable and still-pulling ones
     included; only ``ready`` pods are training.
     """
     true = _true_conditions(status)
-    for kind_type, phase in (("Complete", SUCCEEDED), ("Failed", FAILED), ("Suspended", SUSPENDED)):
+    for kind_type, phase in (("Complete", SUCCEEDED), ("SuccessCriteriaMet", SUCCEEDED), ("Failed", FAILED),
+                             ("FailureTarget", FAILED), ("Suspended", SUSPENDED)):
         if kind_type in true:
             cond = true[kind_type]
             return WorkloadState(phase, cond.get("reason") or f"Job{kind_type}", cond.get("message") or "")
@@ -144,7 +151,11 @@ def workload_status_patch(owner: dict, kind: str, workload_status: dict | None, 
     )
     old_conditions = status.get("conditions") or []
     conditions = phase_conditions(old_conditions, phase, reason, message, generation, now)
-    if phase == RUNNING and any(c["type"] == POD_CREATION_FAILED and c["status"] == "True" for c in conditions):
+    # Running or finished (a short job, or one whose watch events coalesced, is never seen
+    # Running): the refusal to create pods no longer holds. Created but not ready pods do not
+    # clear it: with several nodes, the quota may have let only some of them in.
+    if phase in (RUNNING, *TERMINAL_PHASES) and any(
+            c["type"] == POD_CREATION_FAILED and c["status"] == "True" for c in conditions):
         conditions = set_condition(conditions, POD_CREATION_FAILED, False, "PodsCreated", "", generation, now)
     patch: dict = {"phase": phase, "message": message}
     if phase != old_phase and phase in TERMINAL_PHASES:

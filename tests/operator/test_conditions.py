@@ -85,3 +85,32 @@ def test_training_status_copies_metrics_hub_and_wandb() -> None:
     assert cond.training_status(training) == {
         "metrics": {"step": 1, "trainLoss": 0.5}, "hub": {"repo": "o/r"}, "wandb": {"url": "https://w"},
     }
+
+
+def job_conditions(*types: str, **counts: int) -> dict:
+    return {**counts, "conditions": [{"type": t, "status": "True", "reason": f"R{t}", "message": t} for t in types]}
+
+
+@pytest.mark.parametrize(("status", "phase"), [
+    # Kubernetes >= 1.31: the outcome is known while pods still terminate (as a real cluster
+    # reported them, see tests/cluster); Complete / Failed come only after the last pod is gone.
+    (job_conditions("SuccessCriteriaMet", succeeded=2, ready=0, terminating=0), "Succeeded"),
+    (job_conditions("FailureTarget", ready=0, terminating=1), "Failed"),
+    (job_conditions("FailureTarget", failed=1, ready=0, terminating=0), "Failed"),
+    (job_conditions("SuccessCriteriaMet", "Complete", succeeded=2), "Succeeded"),
+    (job_conditions("FailureTarget", "Failed", failed=1), "Failed"),
+])
+def test_job_outcome_before_pods_terminate(status: dict, phase: str) -> None:
+    assert cond.workload_state("Job", status).phase == phase
+
+
+def test_finished_job_without_seen_running_clears_pod_creation_failed() -> None:
+    job = owner("Pending")
+    job["status"].update(cond.pod_creation_failed_patch(job, "Job", "exceeded quota", T0))
+    job["status"].update(cond.workload_status_patch(job, "Job", {"active": 1, "ready": 0}, T0))
+    pending = {c["type"]: c["status"] for c in job["status"]["conditions"]}
+    assert pending["PodCreationFailed"] == "True"  # created is not ready: some pods may still be refused
+    done = cond.workload_status_patch(job, "Job", job_conditions("SuccessCriteriaMet", succeeded=1), T1)
+    by_type = {c["type"]: c["status"] for c in done["conditions"]}
+    assert done["phase"] == "Succeeded"
+    assert by_type == {"PodCreationFailed": "False", "Succeeded": "True"}

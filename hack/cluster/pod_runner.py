@@ -5,6 +5,7 @@ pods really run. Standard library only.
 
     runner = PodRunner(cluster, node="runner-0", workdir=Path("/tmp/pods"))
     with runner:                      # registers the node, polls for pods, heartbeats
+                                      # pods run under runner.workdir, /tmp/pods/runner-0
         kubectl annotate namespace NS <runner.namespace_annotations()>
         ...                           # pods of NS now run here
 
@@ -22,8 +23,10 @@ this Python environment; image mode is described at the end):
   nodes in general (RUNNER_NAMESPACE_ANNOTATIONS alone) never land here.
 - **Processes.** Each container's ``command`` + ``args`` runs once (restartPolicy Never), in a
   session of its own (the whole process tree is stopped with it), stdout and stderr in
-  ``WORKDIR/NS/POD/logs/CONTAINER.log`` (:meth:`PodRunner.log`). ``PATH`` starts with this
-  Python's bin directory (so ``torchrun`` and ``python`` are the venv's); ``HOME`` is a per-pod
+  ``WORKDIR/NODE/NS/POD/logs/CONTAINER.log`` (:meth:`PodRunner.log`). ``WORKDIR/NODE``
+  (``PodRunner.workdir``) is the runner's own: stopping it removes that directory, and
+  ``WORKDIR`` only if the runner created it and it is left empty, never what else is there.
+  ``PATH`` starts with this Python's bin directory (so ``torchrun`` and ``python`` are the venv's); ``HOME`` is a per-pod
   directory; ``HOSTNAME`` is the pod's hostname; ``KUBERNETES_SERVICE_HOST=127.0.0.1`` and
   ``KUBERNETES_SERVICE_PORT`` name the API server, as the kubelet's service variables do.
   Nothing else leaks from the runner's environment.
@@ -466,7 +469,7 @@ class _Pod:
     def _write_status(self, failed_message: str | None = None) -> None:
         now = _now()
         containers = self.pod["spec"]["containers"]
-        codes = {c["name"]: self.processes[c["name"]].poll() if c["name"] in self.processes else None
+        codes = {c["name"]: exit_code(self.processes[c["name"]]) if c["name"] in self.processes else None
                  for c in containers}
         running = failed_message is None and any(code is None for code in codes.values())
         if failed_message is not None:
@@ -501,6 +504,14 @@ class _Pod:
         if failed_message is not None:
             status.update(reason="RunnerUnsupported", message=failed_message)
         self.runner.patch_pod_status(self.namespace, self.name, status)
+
+
+def exit_code(process: subprocess.Popen) -> int | None:
+    """The container's exit code as a kubelet reports it: 128+N for death by signal N (143 for
+    SIGTERM, 137 for SIGKILL; a Job's podFailurePolicy onExitCodes matches these), where Python
+    gives -N. None while it runs."""
+    code = process.poll()
+    return 128 - code if code is not None and code < 0 else code
 
 
 def _rewrite_files(directory: Path, rewrite) -> None:
@@ -598,7 +609,9 @@ class PodRunner:
         self.recorded_root_writes: dict[tuple[str, str, str], list[str]] = {}
         self.api_port = str(urllib.parse.urlsplit(cluster.server).port)
         self.node = node
-        self.workdir = Path(workdir)
+        self.parent_dir = Path(workdir)
+        self._created_parent_dir = False
+        self.workdir = self.parent_dir / node
         self._pods: dict[str, _Pod] = {}  # by uid
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"pod-runner-{node}", daemon=True)
@@ -627,6 +640,7 @@ class PodRunner:
     def start(self) -> None:
         cluster = _cluster_module()
         key, value = cluster.RUNNER_LABEL
+        self._created_parent_dir = not self.parent_dir.exists()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.api("POST", "/api/v1/nodes", {
             "apiVersion": "v1", "kind": "Node",
@@ -638,7 +652,7 @@ class PodRunner:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stops every process, deletes the node and the working directory."""
+        """Stops every process, deletes the node and the runner's own directory."""
         self._stop.set()
         self._thread.join(timeout=60)
         for pod in list(self._pods.values()):
@@ -650,6 +664,11 @@ class PodRunner:
         except (ApiError, OSError):
             pass
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._created_parent_dir:
+            try:
+                self.parent_dir.rmdir()
+            except OSError:
+                pass  # something else was put there meanwhile: not the runner's to delete
 
     def root_writes(self, namespace: str, pod: str, container: str) -> list[str] | None:
         """Image mode: what the finished container wrote to its own filesystem outside its
@@ -738,12 +757,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="annotate this namespace so its pods run here (repeatable)")
     parser.add_argument("--dir", type=Path, default=_cluster_module().DEFAULT_DIR,
                         help="the cluster's state directory (default .cluster/)")
-    parser.add_argument("--workdir", type=Path, default=None, help="pod directories (default DIR/pods/NODE)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="pods run under WORKDIR/NODE, removed on exit (default DIR/pods)")
     parser.add_argument("--images", action="store_true", default=None,
                         help=f"run each container in its image from local containers storage ({IMAGES_ENV}=1)")
     args = parser.parse_args(argv)
     cluster = _cluster_module().Cluster(args.dir)
-    runner = PodRunner(cluster, args.node, args.workdir or cluster.dir / "pods" / args.node, images=args.images)
+    runner = PodRunner(cluster, args.node, args.workdir or cluster.dir / "pods", images=args.images)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

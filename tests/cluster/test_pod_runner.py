@@ -5,6 +5,8 @@ server sees their status."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import textwrap
 import time
 
@@ -208,3 +210,60 @@ def test_pods_sent_to_runner_nodes_in_general_stay_off_this_runners_node(kubectl
         assert pod["spec"].get("nodeName") != pod_runner.node
     finally:
         kubectl("delete", "namespace", other, "--wait=false", check=False)
+
+
+def own_runner(cluster, kubectl, namespace: str, workdir) -> pod_runner_module.PodRunner:
+    """A started runner (not the ``pod_runner`` fixture) whose stop a test observes."""
+    runner = pod_runner_module.PodRunner(cluster, f"runner-{namespace}", workdir)
+    runner.start()
+    kubectl("annotate", "--overwrite", "namespace", namespace,
+            *(f"{key}={value}" for key, value in runner.namespace_annotations().items()))
+    return runner
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_stopping_the_runner_removes_only_its_own_directory(cluster, kubectl, namespace, tmp_path):
+    shared = tmp_path / "shared"
+    (shared / "thesis").mkdir(parents=True)
+    (shared / "thesis" / "ch1.tex").write_text("chapter 1")
+    runner = own_runner(cluster, kubectl, namespace, shared)
+    try:
+        kubectl("apply", "-f", "-", input=json.dumps(bare_pod(namespace, "done", ["true"])))
+        kubectl("wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/done", "-n", namespace, "--timeout=120s")
+        assert (runner.workdir / namespace / "done" / "logs").is_dir()
+    finally:
+        runner.stop()
+    assert not runner.workdir.exists()
+    assert (shared / "thesis" / "ch1.tex").read_text() == "chapter 1"
+
+    # A directory the runner created itself goes when it is left empty.
+    created = tmp_path / "created"
+    runner = own_runner(cluster, kubectl, namespace, created)
+    runner.stop()
+    assert not created.exists()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_container_stopped_by_a_signal_reports_128_plus_the_signal(cluster, kubectl, namespace, tmp_path):
+    runner = own_runner(cluster, kubectl, namespace, tmp_path / "pods")
+    try:
+        kubectl("apply", "-f", "-", input=json.dumps(bare_pod(namespace, "sleeper", ["sleep", "600"])))
+        kubectl("wait", "--for=jsonpath={.status.phase}=Running", "pod/sleeper", "-n", namespace, "--timeout=120s")
+    finally:
+        runner.stop()  # SIGTERM to the pod's processes, as a kubelet stopping a container
+    status = get_json(kubectl, "pod/sleeper", "-n", namespace)["status"]
+    assert status["phase"] == "Failed"
+    assert status["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 128 + 15
+
+
+def test_exit_code_of_a_killed_process_is_128_plus_the_signal():
+    process = subprocess.Popen(["sleep", "600"])
+    assert pod_runner_module.exit_code(process) is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert pod_runner_module.exit_code(process) == 137
+    exited = subprocess.Popen(["sh", "-c", "exit 3"])
+    exited.wait()
+    assert pod_runner_module.exit_code(exited) == 3

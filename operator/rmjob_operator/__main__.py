@@ -18,10 +18,13 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import kopf
 import yaml
+
+from rmjob_operator import GROUP, VERSION
 
 EXIT_STARTUP_ERROR = 1
 RETRY_INTERVAL = 1.0  # seconds between attempts to reach the API server at start
@@ -84,28 +87,55 @@ def kubeconfig_connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInf
     if not info.server:
         raise StartupError(f"the kubeconfig {where}: the current context's cluster has no server; fix the "
                            "cluster entry")
+    if not (info.token or info.username or info.certificate_path or info.certificate_data):
+        _refuse_credential_plugins(where)
     return info
 
 
+def _refuse_credential_plugins(where: str) -> None:
+    """kopf reads tokens, client certificates and passwords from a kubeconfig, never an ``exec``
+    plugin (EKS, GKE, AKS, kubelogin) or an ``auth-provider`` without a cached token: the
+    operator would send no credentials at all and loop on 401s. Its kubernetes-client
+    piggybacking would run them, but that client is not in the operator's image."""
+    paths = [os.path.expanduser(p.strip()) for p in _kubeconfig_paths().split(os.pathsep) if p.strip()]
+    configs = [yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {} for path in paths]  # kopf read them
+    current = next(c["current-context"] for c in configs if c.get("current-context"))
+    context = next(i["context"] for c in configs for i in c.get("contexts", []) if i["name"] == current)
+    user = next((i.get("user") or {} for c in configs for i in c.get("users", []) if i["name"] == context["user"]), {})
+    if "exec" in user:
+        plugin = f"exec plugin `{user['exec'].get('command', '?')}`"
+    elif "auth-provider" in user:
+        plugin = f"auth-provider {user['auth-provider'].get('name', '?')!r}"
+    else:
+        return
+    raise StartupError(f"the kubeconfig {where}: user {context['user']!r} gets its credentials from an {plugin}, "
+                       "which the operator cannot run; use a kubeconfig with a token (e.g. from `kubectl create "
+                       "token SERVICE_ACCOUNT`) or a client certificate, or run the operator in the cluster")
+
+
 async def wait_for_api_server(info: kopf.ConnectionInfo, timeout: float) -> None:
-    """Until the API server answers ``/version``, at most ``timeout`` seconds; 401 is final."""
+    """Until the API server answers, at most ``timeout`` seconds; a credentials rejection is final.
+
+    Asks for the RewardModelJob API group, which needs credentials (``/version`` is public, so
+    it would pass a kubeconfig whose credentials kopf cannot use): 401 is no or bad credentials,
+    403 the anonymous user a server without anonymous access to discovery sees."""
     try:
         ssl_context = info.as_ssl_context()
     except (OSError, ValueError) as exc:
         raise StartupError(f"the kubeconfig {_kubeconfig_paths()} has unusable TLS settings ({exc}); check its "
                            "certificate-authority and client certificate entries") from None
     deadline = time.monotonic() + timeout
-    url = info.server.rstrip("/") + "/version"
+    url = f"{info.server.rstrip('/')}/apis/{GROUP}/{VERSION}"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_context),
                                      headers=info.as_http_headers(), trust_env=info.trust_env) as session:
         while True:
             try:
                 request_timeout = aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.1))
                 async with session.get(url, proxy=info.proxy_url, timeout=request_timeout) as response:
-                    if response.status == 401:
+                    if response.status in (401, 403):
                         raise StartupError(f"the API server {info.server} rejected the kubeconfig's credentials "
-                                           "(401 Unauthorized); log in again or fix the user in "
-                                           f"{_kubeconfig_paths()}")
+                                           f"({response.status} {response.reason}); log in again or fix the user "
+                                           f"in {_kubeconfig_paths()}")
                     return
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 reason = str(exc) or type(exc).__name__

@@ -42,11 +42,12 @@ def kubeconfig(server: str, **changes) -> str:
 
 @pytest.fixture(scope="module")
 def api_server_rejecting_credentials() -> Iterator[str]:
-    """An API server that answers every request 401, as one does to an expired token."""
+    """An API server that answers every request but the public ``/version`` 401, as one does
+    to an expired token or to none."""
 
     class Unauthorized(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(401)
+            self.send_response(200 if self.path == "/version" else 401)
             self.end_headers()
 
         def log_message(self, *args) -> None:
@@ -104,6 +105,19 @@ MISTAKES = [
              "check that the cluster is running"), args=("--startup-timeout", "2")),
     Mistake("credentials_rejected", lambda tmp, server: {"KUBECONFIG": write(tmp / "kc", kubeconfig(server))},
             ("rejected the kubeconfig's credentials (401 Unauthorized)", "log in again")),
+    Mistake("user_without_credentials",
+            lambda tmp, server: {"KUBECONFIG": write(tmp / "kc", kubeconfig(server, users=[{"name": "dev", "user": {}}]))},
+            ("rejected the kubeconfig's credentials (401 Unauthorized)", "fix the user in")),
+    Mistake("exec_credential_plugin",
+            lambda tmp, server: {"KUBECONFIG": write(tmp / "kc", kubeconfig(server, users=[{"name": "dev", "user": {
+                "exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": "aws",
+                         "args": ["eks", "get-token", "--cluster-name", "prod"]}}}]))},
+            ("user 'dev' gets its credentials from an exec plugin `aws`, which the operator cannot run",
+             "kubectl create token", "run the operator in the cluster")),
+    Mistake("auth_provider_without_token",
+            lambda tmp, server: {"KUBECONFIG": write(tmp / "kc", kubeconfig(server, users=[{"name": "dev", "user": {
+                "auth-provider": {"name": "oidc", "config": {"idp-issuer-url": "https://idp.example.com"}}}}]))},
+            ("user 'dev' gets its credentials from an auth-provider 'oidc', which the operator cannot run",)),
 ]
 
 

@@ -26,8 +26,8 @@ this Python environment; image mode is described at the end):
   ``WORKDIR/NODE/NS/POD/logs/CONTAINER.log`` (:meth:`PodRunner.log`). ``WORKDIR/NODE``
   (``PodRunner.workdir``) is the runner's own: stopping it removes that directory, and
   ``WORKDIR`` only if the runner created it and it is left empty, never what else is there.
-  ``PATH`` starts with this Python's bin directory (so ``torchrun`` and ``python`` are the venv's); ``HOME`` is a per-pod
-  directory; ``HOSTNAME`` is the pod's hostname; ``KUBERNETES_SERVICE_HOST=127.0.0.1`` and
+  ``PATH`` starts with this Python's bin directory (so ``torchrun`` and ``python`` are the
+  venv's); ``HOME`` is a per-pod directory; ``HOSTNAME`` is the pod's hostname; ``KUBERNETES_SERVICE_HOST=127.0.0.1`` and
   ``KUBERNETES_SERVICE_PORT`` name the API server, as the kubelet's service variables do.
   Nothing else leaks from the runner's environment.
 - **Env.** ``value`` with ``$(VAR)`` expansion, ``fieldRef`` (metadata.name, namespace, uid,
@@ -58,6 +58,11 @@ this Python environment; image mode is described at the end):
   in ``state.terminated``. A pod being deleted has its processes stopped (SIGTERM, then
   SIGKILL after its grace period) and is then removed, as the kubelet does. Init containers,
   probes, resource limits, security contexts, restarts and token refresh are not emulated.
+- **Runner death.** A watchdog process SIGKILLs the process groups of the runner's pods once
+  the runner is gone, however it went (SIGKILL included). A runner started on a Node that
+  already exists (a previous one died without deleting it) takes the Node over, as a
+  restarted kubelet does, and fails its Running pods (container state ``terminated``, exit
+  code 137, reason ``ContainerStatusUnknown``): their processes died with the old runner.
 
 Image mode (``PodRunner(..., images=True)``, ``--images``, or ``RMJOB_POD_RUNNER_IMAGES=1``): each
 container runs in its image, which must already be in local containers storage (``make images``
@@ -102,6 +107,20 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
+# Run as a process of its own: the runner writes "+PGID" for each pod process group it starts
+# and "-PGID" once that group is done; when its stdin closes (the runner exited, SIGKILL
+# included), it SIGKILLs the groups still listed, so no pod outlives its runner.
+WATCHDOG = """
+import os, signal, sys
+groups = set()
+for line in sys.stdin:
+    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+"""
 HEARTBEAT_S = 10.0
 POLL_S = 0.5
 LOCALHOST = "127.0.0.1"
@@ -442,9 +461,11 @@ class _Pod:
                         stderr=subprocess.STDOUT, start_new_session=True)
                 except OSError as error:
                     self._stop_processes(0)
+                    self._unwatch_processes()
                     self._finish_working_containers()
                     self._write_status(failed_message=f"container {name!r}: {error}")
                     return
+            self.runner.watch_group(self.processes[name].pid)
             self.started_at[name] = _now()
         self._write_status()
         while any(p.poll() is None for p in self.processes.values()):
@@ -452,7 +473,12 @@ class _Pod:
                 grace = self.pod["metadata"].get("deletionGracePeriodSeconds", 30)
                 self._stop_processes(grace)
                 break
+        self._unwatch_processes()
         self._write_status(failed_message=self._finish_working_containers())
+
+    def _unwatch_processes(self) -> None:
+        for process in self.processes.values():
+            self.runner.unwatch_group(process.pid)
 
     def _stop_processes(self, grace_s: float) -> None:
         for process in self.processes.values():
@@ -616,6 +642,8 @@ class PodRunner:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"pod-runner-{node}", daemon=True)
         self.errors: list[str] = []  # API failures of the loop, for a test's failure message
+        self._watchdog: subprocess.Popen | None = None
+        self._watchdog_lock = threading.Lock()
 
     def __enter__(self) -> PodRunner:
         self.start()
@@ -642,14 +670,59 @@ class PodRunner:
         key, value = cluster.RUNNER_LABEL
         self._created_parent_dir = not self.parent_dir.exists()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.api("POST", "/api/v1/nodes", {
+        node = {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": self.node, "labels": {key: value, HOSTNAME_LABEL: self.node,
                                                        "kubernetes.io/os": "linux"}},
             "spec": {"taints": self._taints()},
             "status": self._node_status(),
-        })
+        }
+        try:
+            self.api("POST", "/api/v1/nodes", node)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+            self._adopt_node(node)
+        # Its own session: a Ctrl-C to the runner's terminal must not kill it first.
+        self._watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE, text=True,
+                                          start_new_session=True)
         self._thread.start()
+
+    def _adopt_node(self, node: dict) -> None:
+        """Takes over Node ``node`` left by a runner that died, and fails the pods that were
+        running there: the watchdog killed their processes."""
+        merge = "application/merge-patch+json"
+        self.api("PATCH", f"/api/v1/nodes/{self.node}", {"metadata": node["metadata"], "spec": node["spec"]},
+                 content_type=merge)
+        self.api("PATCH", f"/api/v1/nodes/{self.node}/status", {"status": node["status"]}, content_type=merge)
+        selector = urllib.parse.quote(f"spec.nodeName={self.node}")
+        now = _now()
+        for pod in self.api("GET", f"/api/v1/pods?fieldSelector={selector}")["items"]:
+            if pod.get("status", {}).get("phase") != "Running":
+                continue  # Pending pods never started: this runner runs them
+            lost = {"exitCode": 137, "reason": "ContainerStatusUnknown", "finishedAt": now,
+                    "message": "The container could not be located when the pod was terminated"}
+            statuses = [{**status, "ready": False, "started": False, "state": {"terminated": lost}}
+                        for status in pod["status"].get("containerStatuses", [])]
+            conditions = [{**condition, "status": "False", "lastTransitionTime": now}
+                          if condition["type"] in ("Ready", "ContainersReady") else condition
+                          for condition in pod["status"].get("conditions", [])]
+            self.patch_pod_status(pod["metadata"]["namespace"], pod["metadata"]["name"], {
+                "phase": "Failed", "conditions": conditions, "containerStatuses": statuses,
+                "reason": "PodRunnerRestarted",
+                "message": f"the pod runner of node {self.node} restarted; the pod's processes died with it"})
+
+    def watch_group(self, pgid: int) -> None:
+        """Has the watchdog kill process group ``pgid`` if the runner dies before it ends."""
+        self._tell_watchdog(f"+{pgid}")
+
+    def unwatch_group(self, pgid: int) -> None:
+        self._tell_watchdog(f"-{pgid}")
+
+    def _tell_watchdog(self, line: str) -> None:
+        with self._watchdog_lock:
+            self._watchdog.stdin.write(line + "\n")
+            self._watchdog.stdin.flush()
 
     def stop(self) -> None:
         """Stops every process, deletes the node and the runner's own directory."""
@@ -659,6 +732,10 @@ class PodRunner:
             pod.stopping.set()
         for pod in list(self._pods.values()):
             pod.thread.join(timeout=60)
+        if self._watchdog:
+            # Groups still listed (a pod thread that did not finish in time) are killed now.
+            self._watchdog.stdin.close()
+            self._watchdog.wait()
         try:
             self.api("DELETE", f"/api/v1/nodes/{self.node}")
         except (ApiError, OSError):

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import pod_runner_module
+from conftest import REPO, pod_runner_module
 
 # What each pod prints: downward API fields, $(VAR) expansion, the rendezvous name, a mounted
 # ConfigMap (naming another mount's path), and who the API server says its token belongs to.
@@ -267,3 +269,51 @@ def test_exit_code_of_a_killed_process_is_128_plus_the_signal():
     exited = subprocess.Popen(["sh", "-c", "exit 3"])
     exited.wait()
     assert pod_runner_module.exit_code(exited) == 3
+
+
+def process_gone(pid: int) -> bool:
+    """Ended (a zombie nobody reaped counts: it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_sigkilled_runner_takes_its_pods_processes_along_and_its_successor_takes_the_node_over(
+        cluster, kubectl, namespace, tmp_path):
+    node = f"runner-{namespace}"
+    cli = subprocess.Popen([sys.executable, str(REPO / "hack" / "cluster" / "pod_runner.py"), "--dir", str(cluster.dir),
+                            "--node", node, "--namespace", namespace, "--workdir", str(tmp_path / "pods")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        kubectl("wait", "--for=create", f"node/{node}", "--timeout=60s")
+        # A process tree: the shell and its background child both have to die with the runner.
+        child_pid = tmp_path / "child.pid"
+        kubectl("apply", "-f", "-", input=json.dumps(bare_pod(
+            namespace, "tree", ["sh", "-c", f"sleep 600 & echo $! > {child_pid}; wait"])))
+        kubectl("wait", "--for=jsonpath={.status.phase}=Running", "pod/tree", "-n", namespace, "--timeout=120s")
+        deadline = time.monotonic() + 30
+        while not child_pid.exists() or not child_pid.read_text().strip():
+            assert time.monotonic() < deadline, "the pod's shell never started its child"
+            time.sleep(0.2)
+        sleep_pid = int(child_pid.read_text())
+    finally:
+        cli.kill()
+        cli.wait()
+    deadline = time.monotonic() + 30
+    while not process_gone(sleep_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process_gone(sleep_pid), "the pod's process outlived its SIGKILLed runner"
+
+    successor = own_runner(cluster, kubectl, namespace, tmp_path / "pods")
+    try:
+        pod = get_json(kubectl, "pod/tree", "-n", namespace)
+        assert pod["status"]["phase"] == "Failed"
+        assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+        # The node is the successor's: its pods run.
+        kubectl("apply", "-f", "-", input=json.dumps(bare_pod(namespace, "after", ["true"])))
+        kubectl("wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/after", "-n", namespace, "--timeout=120s")
+    finally:
+        successor.stop()

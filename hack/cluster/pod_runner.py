@@ -32,7 +32,8 @@ this Python environment; image mode is described at the end):
   Nothing else leaks from the runner's environment.
 - **Env.** ``value`` with ``$(VAR)`` expansion, ``fieldRef`` (metadata.name, namespace, uid,
   labels['k'], annotations['k'], spec.nodeName, spec.serviceAccountName, status.podIP,
-  status.hostIP), ``secretKeyRef``, ``configMapKeyRef``.
+  status.hostIP), ``secretKeyRef``, ``configMapKeyRef``; ``envFrom`` (``configMapRef``,
+  ``secretRef``, ``prefix``, ``optional``), ``env`` taking precedence over it.
 - **Volumes** become directories under ``WORKDIR/NS/POD/volumes/VOLUME``: emptyDir (empty),
   configMap and secret (their keys as files, ``items`` honoured), projected (serviceAccountToken:
   a real token from the TokenRequest API for the pod's ServiceAccount, bound to the pod;
@@ -308,7 +309,17 @@ class _Pod:
             raise PodUnsupported(f"projected source {', '.join(source)} is not supported by the pod runner")
 
     def _env(self, container: dict) -> dict[str, str]:
+        """The container's variables as the kubelet builds them: ``envFrom`` sources in order
+        (a later one wins), then ``env`` over them, its values expanding what came before."""
         env: dict[str, str] = {}
+        for source in container.get("envFrom", []):
+            if "configMapRef" in source:
+                data = self._config_map(source["configMapRef"])
+            elif "secretRef" in source:
+                data = self._secret(source["secretRef"])
+            else:
+                raise PodUnsupported(f"envFrom {', '.join(source)} is not supported by the pod runner")
+            env.update({source.get("prefix", "") + key: value.decode() for key, value in data.items()})
         for var in container.get("env", []):
             if "value" in var or "valueFrom" not in var:
                 env[var["name"]] = expand(var.get("value", ""), env)

@@ -317,3 +317,36 @@ def test_a_sigkilled_runner_takes_its_pods_processes_along_and_its_successor_tak
         kubectl("wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/after", "-n", namespace, "--timeout=120s")
     finally:
         successor.stop()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_env_from_config_maps_and_secrets_with_prefix_optional_and_env_precedence(kubectl, namespace, pod_runner):
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": namespace},
+              "data": {"FROM_CM": "cm-value", "SHARED": "from-configmap", "LEVEL": "cm"}}
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": namespace},
+              "stringData": {"TOKEN": "s3cret", "LEVEL": "secret"}}
+    names = ["FROM_CM", "SHARED", "LEVEL", "S_TOKEN", "S_LEVEL", "DERIVED"]
+    pod = bare_pod(namespace, "env-from", ["python", "-c", f"import json, os; print(json.dumps("
+                                           f"{{k: os.environ.get(k) for k in {names!r}}}))"])
+    pod["spec"]["containers"][0].update(
+        envFrom=[{"configMapRef": {"name": "settings"}},
+                 {"configMapRef": {"name": "absent", "optional": True}},
+                 {"secretRef": {"name": "creds"}, "prefix": "S_"},
+                 {"configMapRef": {"name": "settings"}, "prefix": "S_"}],  # a later source wins
+        env=[{"name": "SHARED", "value": "from-env"}, {"name": "DERIVED", "value": "x=$(FROM_CM)"}])
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [config, secret, pod]}))
+    kubectl("wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/env-from", "-n", namespace, "--timeout=120s")
+    printed = json.loads(pod_log(pod_runner, namespace, "env-from").strip().splitlines()[-1])
+    assert printed == {"FROM_CM": "cm-value", "SHARED": "from-env", "LEVEL": "cm", "S_TOKEN": "s3cret",
+                       "S_LEVEL": "cm", "DERIVED": "x=cm-value"}
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_env_from_a_missing_config_map_fails_the_pod_naming_it(kubectl, namespace, pod_runner):
+    pod = bare_pod(namespace, "no-settings", ["true"])
+    pod["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": "absent"}}]
+    kubectl("apply", "-f", "-", input=json.dumps(pod))
+    kubectl("wait", "--for=jsonpath={.status.phase}=Failed", "pod/no-settings", "-n", namespace, "--timeout=120s")
+    assert "configMap 'absent'" in get_json(kubectl, "pod/no-settings", "-n", namespace)["status"]["message"]

@@ -46,6 +46,11 @@ WORKLOAD_RESOURCES = (("batch", "jobs"), ("kubeflow.org", "pytorchjobs"))  # (gr
 STALE_CHILD_RETRY_SECONDS = 5.0
 # Status writes answered 409 Conflict: read the job again and retry, this many times in all.
 STATUS_CONFLICT_ATTEMPTS = 5
+# Answers of an API server that is overloaded or restarting (and timeouts): worth the same
+# request again a moment later. kopf drops an event handler's error, and a finished workload
+# sends no further event, so the last status write of a job must not be given up on the first.
+TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
+TRANSIENT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # ~30 s in all, then kopf's own handling
 
 # runPolicy fields a started workload can take in flight; any other spec change is refused.
 SAFE_FIELDS = ("suspend", "ttlSecondsAfterFinished", "activeDeadlineSeconds")
@@ -169,21 +174,36 @@ async def update_status(memo: kopf.Memo, namespace: str, name: str, compute: Cal
     the job is gone). Emits an Event when the phase changes.
     """
     async with memo.status_locks[namespace, name]:
-        for attempt in range(1, STATUS_CONFLICT_ATTEMPTS + 1):
-            owner = await memo.kube.get(object_path(API_VERSION, KIND, namespace, name))
-            if owner is None or (uid is not None and owner["metadata"].get("uid") != uid):
-                return {}
-            patch = cond.changed(owner.get("status") or {}, compute(owner))
-            if not patch:
-                break
+        conflicts = 0
+        delays = iter(TRANSIENT_RETRY_DELAYS)
+        while True:
             try:
-                await memo.kube.merge_patch(status_path(namespace, name), {"status": patch})
+                owner = await memo.kube.get(object_path(API_VERSION, KIND, namespace, name))
+                if owner is None or (uid is not None and owner["metadata"].get("uid") != uid):
+                    return {}
+                patch = cond.changed(owner.get("status") or {}, compute(owner))
+                if patch:
+                    await memo.kube.merge_patch(status_path(namespace, name), {"status": patch})
                 break
             except ApiError as e:
                 # A write racing another one: recompute from the job as it is now. Left to kopf,
                 # an event handler's write would be dropped, a change handler's retried a minute later.
-                if e.status != 409 or attempt == STATUS_CONFLICT_ATTEMPTS:
+                if e.status == 409:
+                    conflicts += 1
+                    if conflicts == STATUS_CONFLICT_ATTEMPTS:
+                        raise
+                    continue
+                if e.status not in TRANSIENT_STATUSES:
                     raise
+                error: Exception = e
+            except (asyncio.TimeoutError, aiohttp.ClientConnectionError) as e:
+                error = e
+            delay = next(delays, None)
+            if delay is None:
+                raise error
+            logging.getLogger(__name__).warning("status of %s/%s: %s; retrying in %.1f s",
+                                                namespace, name, error, delay)
+            await asyncio.sleep(delay)
     if patch.get("phase"):
         phase_event(owner, patch["phase"], patch.get("message", ""))
     return patch

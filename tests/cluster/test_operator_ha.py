@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 
 import pytest
@@ -137,6 +138,28 @@ def test_a_conflict_on_a_status_write_is_retried_not_fatal(kubectl, ns, proxied_
     assert status["workload"]["name"] == "rm-conflict"
     wait_for_phase(kubectl, ns, "rm-conflict", "Succeeded", operator=proxied_operator.operator)
     assert "Handler 'reconcile' failed" not in proxied_operator.operator.log()
+
+
+def test_a_503_on_the_final_status_write_is_retried(kubectl, ns, proxied_operator):
+    """The API server answers the write of ``Succeeded`` with 503 (overloaded, or restarting):
+    the Job that finished sends no further event and kopf drops an event handler's error, so
+    the operator itself must write again, or the job never leaves Running/Pending. The outage
+    lasts 5 s from the first refused write: the Job's last events (SuccessCriteriaMet, then
+    Complete) all fall into it."""
+    outage_start: list[float] = []
+
+    def succeeded_write_in_outage(method: str, url: str, body: bytes) -> bool:
+        if not (method == "PATCH" and url.startswith(
+                f"{GROUP_PATH}/namespaces/{ns}/rewardmodeljobs/rm-unavailable/status") and b'"Succeeded"' in body):
+            return False
+        outage_start[:] = outage_start or [time.monotonic()]
+        return time.monotonic() - outage_start[0] < 5
+
+    unavailable = Fault(succeeded_write_in_outage, 503, "ServiceUnavailable", count=1000)
+    proxied_operator.faults.append(unavailable)
+    create(kubectl, ns, "rm-unavailable", cpu_spec())
+    wait_for_phase(kubectl, ns, "rm-unavailable", "Succeeded", timeout=60, operator=proxied_operator.operator)
+    assert unavailable.served >= 1
 
 
 def test_workloads_are_watched_with_a_server_side_label_selector(kubectl, ns, proxied_operator):

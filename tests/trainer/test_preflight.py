@@ -349,6 +349,15 @@ def test_plan_says_which_checkpoint_a_run_resumes_from(tmp_path):
     assert "resuming" not in plan(cfg, {})
 
 
+def test_plan_says_a_finished_run_may_only_be_completed(tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    cfg = RewardConfig(model_name_or_path="m", dataset_mixer={"d": 1.0}, output_dir=str(tmp_path))
+    assert ("no checkpoints, or, if its metrics.json records a finished run with these settings, only completing "
+            "that run (Hub push, final status);") in plan(cfg, {})
+    cfg.resume = False
+    assert "finished run" not in plan(cfg, {})
+
+
 # --- W&B credentials: the same verdict as wandb's own lookup ---------------------------------
 WANDB_VERDICT = """
 import json, os

@@ -443,6 +443,10 @@ def plan(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> str:
     resume_from = latest_checkpoint(output_dir) if cfg.resume and output_dir.is_dir() else None
     if resume_from:
         checkpoints += f", resuming from {resume_from.name}"
+    if cfg.resume and (output_dir / "metrics.json").is_file():
+        # Whether that run had these settings is known once the data is tokenized (train.finished_run).
+        checkpoints += (", or, if its metrics.json records a finished run with these settings, only completing "
+                        "that run (Hub push, final status)")
     tracking = "no tracking"
     if cfg.with_tracking:
         where = "/".join(filter(None, (cfg.wandb_entity, cfg.wandb_project_name)))

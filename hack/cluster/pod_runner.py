@@ -44,7 +44,9 @@ this Python environment; image mode is described at the end):
   volume's directory (plus ``subPath``) and every occurrence of a mount path as a whole path
   prefix is substituted in ``command``, ``args``, env values, ``workingDir`` and the text files
   of the pod's configMap, secret and projected volumes (so ``output_dir: /output`` in a mounted
-  config file points at the pod's own output directory). A mount path preceded by another path
+  config file points at the pod's own output directory). Those volumes are read-only, so each
+  container mounts a copy of its own (``WORKDIR/NODE/NS/POD/containers/CONTAINER/VOLUME``),
+  rewritten once for that container's mounts. A mount path preceded by another path
   character (``/data/output``) is left alone. The one path read without being named anywhere,
   the service-account directory ``/var/run/secrets/kubernetes.io/serviceaccount``, is also
   given as ``RMJOB_SERVICE_ACCOUNT_DIR`` (the trainer's status reporter honours it).
@@ -360,13 +362,19 @@ class _Pod:
             if not container.get("command"):
                 raise PodUnsupported(f"container {container['name']!r} has no command (the image's "
                                      "entrypoint is unknown to the pod runner)")
-            mounts = {m["mountPath"]: volume_dirs[m["name"]] / m.get("subPath", "")
+            # Each container reads a copy of the file volumes rewritten for its own mounts: one
+            # mount path can be another volume in each container (an emptyDir each at /tmp), and
+            # a file rewritten twice would have its host paths rewritten again.
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            copies = {m["name"]: self.dir / "containers" / container["name"] / m["name"]
+                      for m in container.get("volumeMounts", [])
+                      if {"configMap", "secret", "projected"} & set(volumes[m["name"]])}
+            mounts = {m["mountPath"]: copies.get(m["name"], volume_dirs[m["name"]]) / m.get("subPath", "")
                       for m in container.get("volumeMounts", [])}
             rewrite = make_rewriter(mounts, services, self.namespace)
-            for mount in container.get("volumeMounts", []):
-                volume = next(v for v in spec.get("volumes", []) if v["name"] == mount["name"])
-                if {"configMap", "secret", "projected"} & set(volume):
-                    _rewrite_files(volume_dirs[mount["name"]], rewrite)
+            for name, copy in copies.items():
+                shutil.copytree(volume_dirs[name], copy)
+                _rewrite_files(copy, rewrite)
             env = {
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
                 "HOME": str(home),

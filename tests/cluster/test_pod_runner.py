@@ -350,3 +350,25 @@ def test_env_from_a_missing_config_map_fails_the_pod_naming_it(kubectl, namespac
     kubectl("apply", "-f", "-", input=json.dumps(pod))
     kubectl("wait", "--for=jsonpath={.status.phase}=Failed", "pod/no-settings", "-n", namespace, "--timeout=120s")
     assert "configMap 'absent'" in get_json(kubectl, "pod/no-settings", "-n", namespace)["status"]["message"]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_config_map_mounted_by_two_containers_is_rewritten_once_for_each(kubectl, namespace, pod_runner):
+    """Each container has an emptyDir of its own at the top directory of the pod directories
+    (/tmp for pytest's): a second rewrite of the shared file would rewrite the first one's host path."""
+    top = "/" + pod_runner.workdir.parts[1]
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "namespace": namespace},
+              "data": {"f": f"scratch={top}/scratch"}}
+    containers = [{"name": name, "image": "busybox:1.37", "command": ["cat", "/etc/cfg/f"],
+                   "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg"},
+                                    {"name": f"tmp{name}", "mountPath": top}]}
+                  for name in ("a", "b")]
+    pod = bare_pod(namespace, "two", [], volumes=[{"name": "cfg", "configMap": {"name": "cfg"}},
+                                                  {"name": "tmpa", "emptyDir": {}}, {"name": "tmpb", "emptyDir": {}}])
+    pod["spec"]["containers"] = containers
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [config, pod]}))
+    kubectl("wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/two", "-n", namespace, "--timeout=120s")
+    volumes = pod_runner.workdir / namespace / "two" / "volumes"
+    for name in ("a", "b"):
+        assert pod_runner.log(namespace, "two", name) == f"scratch={volumes / f'tmp{name}'}/scratch"

@@ -27,8 +27,9 @@ this Python environment; image mode is described at the end):
   (``PodRunner.workdir``) is the runner's own: stopping it removes that directory, and
   ``WORKDIR`` only if the runner created it and it is left empty, never what else is there.
   ``PATH`` starts with this Python's bin directory (so ``torchrun`` and ``python`` are the
-  venv's); ``HOME`` is a per-pod directory; ``HOSTNAME`` is the pod's hostname; ``KUBERNETES_SERVICE_HOST=127.0.0.1`` and
-  ``KUBERNETES_SERVICE_PORT`` name the API server, as the kubelet's service variables do.
+  venv's); ``HOME`` is a per-pod directory; ``HOSTNAME`` is the pod's hostname;
+  ``KUBERNETES_SERVICE_HOST=127.0.0.1`` and ``KUBERNETES_SERVICE_PORT`` name the API server, as
+  the kubelet's service variables do.
   Nothing else leaks from the runner's environment.
 - **Env.** ``value`` with ``$(VAR)`` expansion, ``fieldRef`` (metadata.name, namespace, uid,
   labels['k'], annotations['k'], spec.nodeName, spec.serviceAccountName, status.podIP,
@@ -56,6 +57,10 @@ this Python environment; image mode is described at the end):
   namespace's headless Services, ``HOSTNAME.SERVICE`` (optionally ``.NS``, ``.NS.svc``,
   ``.NS.svc.cluster.local``; e.g. the rendezvous host ``NAME-0.NAME`` of an Indexed Job with
   subdomain NAME), are substituted with ``127.0.0.1`` wherever container paths are.
+  Limitation: a pod's torchrun rendezvous store listens on every interface (``*:29500``), not
+  127.0.0.1 only. torch 2.13's TCPStore server binds the wildcard address whatever host it is
+  given; its one way round, a pre-bound ``master_listen_fd``, is not reachable from torchrun
+  (``--rdzv-endpoint`` and ``--local-addr`` name hosts to connect to and advertise, not to bind).
 - **Status.** Running (Ready, containers running, podIP 127.0.0.1) once the processes start,
   then Succeeded when every container exits 0, else Failed, with each container's exit code
   in ``state.terminated``. A pod being deleted has its processes stopped (SIGTERM, then

@@ -284,8 +284,9 @@ def process_gone(pid: int) -> bool:
 def test_a_sigkilled_runner_takes_its_pods_processes_along_and_its_successor_takes_the_node_over(
         cluster, kubectl, namespace, tmp_path):
     node = f"runner-{namespace}"
-    cli = subprocess.Popen([sys.executable, str(REPO / "hack" / "cluster" / "pod_runner.py"), "--dir", str(cluster.dir),
-                            "--node", node, "--namespace", namespace, "--workdir", str(tmp_path / "pods")],
+    cli = subprocess.Popen([sys.executable, str(REPO / "hack" / "cluster" / "pod_runner.py"),
+                            "--dir", str(cluster.dir), "--node", node, "--namespace", namespace,
+                            "--workdir", str(tmp_path / "pods")],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         kubectl("wait", "--for=create", f"node/{node}", "--timeout=60s")

@@ -11,9 +11,20 @@ project's own packages::
     python hack/cluster/cluster.py down     # stops everything, removes the state
 
 State lives in ``.cluster/`` (``--dir``): ``kubeconfig`` (admin, system:masters), ``logs/``,
-``pki/``, etcd's data and ``state.json`` (ports, pids). Tests share one cluster through
-:func:`attach` / :func:`detach`: the first user starts it, the last one stops it unless a
-person started it with ``up``.
+``pki/``, etcd's data and ``state.json`` (ports; each component's pid and process start time).
+A marker file (``.rmjob-cluster``) identifies a state directory: a non-empty directory
+without it is refused, and ``down`` removes only the entries cluster.py creates (OWN_ENTRIES).
+A component counts as running when its recorded pid still has the recorded start time and
+its command line names this state directory, so a recycled pid or another cluster's process
+never does; ``down`` also stops this directory's components found by command line when
+``state.json`` is gone. ``up`` restarts only components that died, with the same ports,
+certificates and etcd data.
+
+Tests share one cluster through :func:`attach` / :func:`detach`: the first user starts it,
+the last one stops it unless a person started it with ``up``. Users are recorded by pid and
+process start time; one that died without detaching (SIGKILL, OOM killer) counts as gone. A
+session killed that way leaves its cluster running until the next session's ``detach`` (at
+that session's end at the latest), which stops it when no live user remains.
 
 Nodes: KWOK manages only the nodes annotated ``kwok.x-k8s.io/node=fake`` (``kwok-node-N``,
 created here): pods bound to them become Running and, when a Job owns them, Succeeded
@@ -33,6 +44,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -90,6 +102,20 @@ CONTROLLERS = (
     # (KWOK for its nodes, the pod runner for its own), and taints nodes that stop heartbeating.
     "node-lifecycle-controller",
 )
+# Start order; `down` stops them in reverse.
+COMPONENT_PORTS = {
+    "etcd": ("etcd", "etcd_peer"),
+    "kube-apiserver": ("apiserver",),
+    "kube-controller-manager": ("controller_manager",),
+    "kube-scheduler": ("scheduler",),
+    "kwok": ("kwok",),
+}
+MARKER = ".rmjob-cluster"
+# What cluster.py (and pod runners, under pods/) write in a state directory: all `down` removes.
+# The marker and the lock file stay, so the directory stays recognizable and lockable.
+OWN_ENTRIES = ("state.json", "state.tmp", "kubeconfig", "kube-controller-manager.kubeconfig",
+               "kube-scheduler.kubeconfig", "pki", "logs", "etcd", "users",
+               "kube-controller-manager-certs", "kube-scheduler-certs", "pods")
 STARTUP_TIMEOUT_S = 180.0
 EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256")
 
@@ -124,18 +150,34 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        """Ports the kernel hands out as free right now (all held open together so they differ)."""
+        """Free ports below the kernel's ephemeral range (all held open together so they differ).
+        Outside it because a component restarted after dying must get its port back, and the
+        kernel hands ports of that range to outgoing connections (then the port is busy)."""
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        candidates = random.sample(range(10000, ephemeral_low), k=min(200, max(ephemeral_low - 10000, 0)))
         with contextlib.ExitStack() as stack:
-            sockets = [stack.enter_context(socket.socket()) for _ in range(6)]
-            for sock in sockets:
-                sock.bind(("127.0.0.1", 0))
-            return cls(*(sock.getsockname()[1] for sock in sockets))
+            ports = []
+            for port in candidates:
+                sock = stack.enter_context(socket.socket())
+                with contextlib.suppress(OSError):
+                    sock.bind(("127.0.0.1", port))
+                    ports.append(port)
+                if len(ports) == 6:
+                    return cls(*ports)
+        raise ClusterError(f"no 6 free ports on 127.0.0.1 between 10000 and {ephemeral_low} (below the "
+                           "ephemeral range); pass --port-base")
 
 
 def check_port_free(port: int, component: str) -> None:
     with socket.socket() as sock:
+        # As the Go servers bind: connections of a component that just died (TIME_WAIT) do
+        # not make its port taken, a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
+        except PermissionError:
+            raise ClusterError(f"port {port} on 127.0.0.1 (for {component}) needs privileges; pick "
+                               "a --port-base of 1024 or more") from None
         except OSError:
             raise ClusterError(
                 f"port {port} on 127.0.0.1 (for {component}) is taken; pick another --port-base "
@@ -160,10 +202,24 @@ class Cluster:
     @contextlib.contextmanager
     def locked(self):
         """Serializes up/down/attach/detach across processes (pytest-xdist workers, make)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._claim_dir()
         with open(self.dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
+
+    def _claim_dir(self) -> None:
+        """Marks the state directory as cluster.py's, refusing one that holds anything else."""
+        if (self.dir / MARKER).exists():
+            return
+        entries = set(os.listdir(self.dir)) if self.dir.is_dir() else set()
+        # Made by cluster.py before the marker existed: only its own names, state.json among them.
+        made_here = "state.json" in entries and entries <= {*OWN_ENTRIES, ".lock"}
+        if entries and not made_here:
+            raise ClusterError(f"{self.dir} is not empty and is no cluster state directory (no {MARKER} "
+                               "in it); pass an empty or new --dir")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / MARKER).write_text("State directory of hack/cluster/cluster.py; `cluster.py down` "
+                                       "removes only what cluster.py created here.\n")
 
     def state(self) -> dict | None:
         try:
@@ -177,11 +233,9 @@ class Cluster:
         tmp.replace(self.state_file)
 
     def running(self) -> bool:
-        """Every recorded process is alive and the API server answers /readyz."""
+        """Every component runs and the API server answers /readyz."""
         state = self.state()
-        if not state:
-            return False
-        if set(state["pids"]) != set(BINARIES) or not all(_alive(pid, name) for name, pid in state["pids"].items()):
+        if not state or self._dead(state):
             return False
         return self._get(f"https://127.0.0.1:{state['ports']['apiserver']}/readyz", timeout=5) == 200
 
@@ -193,94 +247,135 @@ class Cluster:
         return f"https://127.0.0.1:{state['ports']['apiserver']}"
 
     # ------------------------------------------------------------------------ lifecycle
-    def up(self, *, nodes: int = DEFAULT_KWOK_NODES, port_base: int | None = None, owner: str = "manual") -> None:
-        """Starts the control plane unless it is already running (then only ``owner`` may change:
-        a person's ``up`` turns a test-started cluster into one the tests leave running)."""
+    def up(self, *, nodes: int = DEFAULT_KWOK_NODES, port_base: int | None = None, owner: str = "manual") -> bool:
+        """Starts the control plane, or the components of it that died (same ports, certificates
+        and data); True when it started anything. Of a running one only ``owner`` may change: a
+        person's ``up`` turns a test-started cluster into one the tests leave running."""
+        _check_arguments(nodes, port_base)
         with self.locked():
-            self._up_locked(nodes=nodes, port_base=port_base, owner=owner)
+            return self._up_locked(nodes=nodes, port_base=port_base, owner=owner)
 
-    def _up_locked(self, *, nodes: int, port_base: int | None, owner: str) -> None:
+    def _dead(self, state: dict) -> list[str]:
+        return [name for name in BINARIES if not self._runs(name, state["pids"].get(name))]
+
+    def _up_locked(self, *, nodes: int, port_base: int | None, owner: str) -> bool:
         state = self.state()
-        # Every component started (a startup cut short leaves fewer pids) and still alive.
-        if state and set(state["pids"]) == set(BINARIES) and all(
-                _alive(pid, name) for name, pid in state["pids"].items()):
+        if state is None:
+            state = self._fresh_state(nodes=nodes, port_base=port_base, owner=owner)
+        elif owner == "manual" and state["owner"] != "manual":
+            state["owner"] = "manual"
+            self._write_state(state)
+        ports = Ports(**state["ports"])
+        dead = self._dead(state)
+        if not dead:
             # Running: a slow /readyz on a loaded machine is waited for, never a reason to
             # restart a cluster other processes are using.
             self._wait(state, "kube-apiserver",
-                       lambda: self._get(f"https://127.0.0.1:{state['ports']['apiserver']}/readyz") == 200)
-            if owner == "manual" and state["owner"] != "manual":
-                state["owner"] = "manual"
-                self._write_state(state)
-            return
-        self._down_locked()  # whatever is left of a crashed, stopped or half-started cluster
+                       lambda: self._get(f"https://127.0.0.1:{ports.apiserver}/readyz") == 200)
+            return False
         self._check_binaries()
-        ports = Ports.from_base(port_base) if port_base is not None else Ports.free()
-        if port_base is not None:
-            for component, port in vars(ports).items():
-                check_port_free(port, component)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        state = {"owner": owner, "ports": vars(ports), "pids": {}, "nodes": nodes,
-                 "version": pinned_kubernetes_version()}
-        self._write_state(state)
+        for name in dead:
+            for field in COMPONENT_PORTS[name]:
+                check_port_free(getattr(ports, field), field)
+            state["pids"].pop(name, None)  # else waiting for the others reports it as exited
+        args = {"etcd": self._etcd_args, "kube-apiserver": self._apiserver_args,
+                "kube-controller-manager": self._controller_manager_args,
+                "kube-scheduler": self._scheduler_args, "kwok": self._kwok_args}
+
+        def start_if_dead(name: str) -> None:
+            if name in dead:
+                self._start(state, name, args[name](ports))
+
         try:
-            self._make_pki()
-            self._write_kubeconfigs()
-            self._start(state, "etcd", self._etcd_args(ports))
+            start_if_dead("etcd")
             self._wait(state, "etcd", lambda: self._get(f"http://127.0.0.1:{ports.etcd}/health", admin=False) == 200)
-            self._start(state, "kube-apiserver", self._apiserver_args(ports))
+            start_if_dead("kube-apiserver")
             self._wait(state, "kube-apiserver",
                        lambda: self._get(f"https://127.0.0.1:{ports.apiserver}/readyz") == 200)
-            self._start(state, "kube-controller-manager", self._controller_manager_args(ports))
-            self._start(state, "kube-scheduler", self._scheduler_args(ports))
-            self._start(state, "kwok", self._kwok_args(ports))
+            for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
+                start_if_dead(name)
             for name, port in (("kube-controller-manager", ports.controller_manager),
                                ("kube-scheduler", ports.scheduler)):
                 self._wait(state, name, lambda port=port: self._get(f"https://127.0.0.1:{port}/healthz", admin=False) == 200)
-            for index in range(nodes):
+            for index in range(state["nodes"]):
                 self._create_kwok_node(f"kwok-node-{index}")
-            self._wait(state, "kwok", lambda: self._nodes_ready(nodes))
+            self._wait(state, "kwok", lambda: self._nodes_ready(state["nodes"]))
             # Pods need the namespace's ServiceAccount and CA ConfigMap, written by controllers.
             self._wait(state, "kube-controller-manager", lambda: self._exists(
                 "/api/v1/namespaces/default/serviceaccounts/default"))
             self._wait(state, "kube-controller-manager", lambda: self._exists(
                 "/api/v1/namespaces/default/configmaps/kube-root-ca.crt"))
         except BaseException:
-            self._stop_processes(state)
+            self._stop(self._children_running())
             raise
+        return True
+
+    def _fresh_state(self, *, nodes: int, port_base: int | None, owner: str) -> dict:
+        """Certificates, kubeconfigs and then state.json: a state.json means they are complete."""
+        self._down_locked()  # whatever an interrupted start left
+        self._check_binaries()
+        ports = Ports.from_base(port_base) if port_base is not None else Ports.free()
+        if port_base is not None:
+            for component, port in vars(ports).items():
+                check_port_free(port, component)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._make_pki()
+        self._write_kubeconfigs(f"https://127.0.0.1:{ports.apiserver}")
+        state = {"owner": owner, "ports": vars(ports), "pids": {}, "nodes": nodes,
+                 "version": pinned_kubernetes_version()}
+        self._write_state(state)
+        return state
 
     def down(self) -> None:
+        """Stops this directory's components (recorded or found by command line) and removes
+        what cluster.py created; a directory that does not exist is left so."""
+        if not self.dir.exists():
+            self._stop(self._components_by_command_line())
+            return
         with self.locked():
             self._down_locked()
 
     def _down_locked(self) -> None:
-        state = self.state()
-        if state:
-            self._stop_processes(state)
-        for child in self.dir.iterdir() if self.dir.exists() else ():
-            if child.name != ".lock":
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        self._stop({**self._components_by_command_line(), **self._children_running()})
+        for name in OWN_ENTRIES:
+            entry = self.dir / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
 
     # Shared use by test sessions ------------------------------------------------------
-    def attach(self, *, nodes: int = DEFAULT_KWOK_NODES) -> None:
-        """Registers this process as a user of the cluster, starting it if needed."""
+    def attach(self, *, nodes: int = DEFAULT_KWOK_NODES) -> bool:
+        """Registers this process as a user of the cluster, starting it (or its dead components)
+        if needed; True when it started anything."""
         with self.locked():
-            self._up_locked(nodes=nodes, port_base=None, owner="tests")
+            started = self._up_locked(nodes=nodes, port_base=None, owner="tests")
             self.users_dir.mkdir(exist_ok=True)
-            (self.users_dir / str(os.getpid())).touch()
+            self._live_users()  # forgets the dead ones
+            (self.users_dir / str(os.getpid())).write_text(_process_start(os.getpid()) or "")
+            return started
 
-    def detach(self) -> None:
-        """Unregisters this process; the last user of a test-started cluster stops it.
-        Users whose process died without detaching do not keep it alive."""
+    def detach(self) -> bool:
+        """Unregisters this process; the last live user of a test-started cluster stops it
+        (True then). Users whose process died without detaching do not keep it alive."""
         with self.locked():
             with contextlib.suppress(FileNotFoundError):
                 (self.users_dir / str(os.getpid())).unlink()
             state = self.state()
-            if not state or state["owner"] != "tests":
-                return
-            live = [p for p in self.users_dir.iterdir() if p.name.isdigit() and _pid_exists(int(p.name))] \
-                if self.users_dir.exists() else []
-            if not live:
-                self._down_locked()
+            if not state or state["owner"] != "tests" or self._live_users():
+                return False
+            self._down_locked()
+            return True
+
+    def _live_users(self) -> list[int]:
+        """Pids of registered users still running (same pid and start time); forgets the rest."""
+        live = []
+        for entry in self.users_dir.iterdir() if self.users_dir.exists() else ():
+            if entry.name.isdigit() and _process_start(int(entry.name)) == entry.read_text():
+                live.append(int(entry.name))
+            else:
+                entry.unlink()
+        return live
 
     # ---------------------------------------------------------------- component flags
     def _etcd_args(self, p: Ports) -> list[str]:
@@ -391,21 +486,22 @@ class Cluster:
         """Writes a kubeconfig for this cluster authenticating with a bearer token."""
         self._kubeconfig(path, user, {"token": token})
 
-    def _kubeconfig(self, path: Path, user: str, credentials: dict) -> None:
+    def _kubeconfig(self, path: Path, user: str, credentials: dict, server: str | None = None) -> None:
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{"name": "rmjob-local", "cluster": {
-                "server": self.server, "certificate-authority-data": _b64(self.pki / "ca.crt")}}],
+                "server": server or self.server, "certificate-authority-data": _b64(self.pki / "ca.crt")}}],
             "users": [{"name": user, "user": credentials}],
             "contexts": [{"name": "rmjob-local", "context": {"cluster": "rmjob-local", "user": user}}],
             "current-context": "rmjob-local",
         }, indent=2))
         path.chmod(0o600)
 
-    def _write_kubeconfigs(self) -> None:
+    def _write_kubeconfigs(self, server: str) -> None:
         for name in ("admin", "kube-controller-manager", "kube-scheduler"):
             path = self.kubeconfig if name == "admin" else self.dir / f"{name}.kubeconfig"
-            self.client_kubeconfig(path, user=name, cert=self.pki / f"{name}.crt", key=self.pki / f"{name}.key")
+            self._kubeconfig(path, name, {"client-certificate-data": _b64(self.pki / f"{name}.crt"),
+                                          "client-key-data": _b64(self.pki / f"{name}.key")}, server)
 
     # ---------------------------------------------------------------------- processes
     def _check_binaries(self) -> None:
@@ -421,18 +517,19 @@ class Cluster:
                                        stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
                                        start_new_session=True)
         self._children[name] = process
-        state["pids"][name] = process.pid
+        # The fork's start time, which exec keeps: the pid's identity from now on.
+        state["pids"][name] = {"pid": process.pid, "start": _process_start(process.pid)}
         self._write_state(state)
 
     def _wait(self, state: dict, name: str, ready) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
-            for component, pid in state["pids"].items():
+            for component, entry in state["pids"].items():
                 child = self._children.get(component)
                 # For its own children this process asks the kernel for the exit status: right
                 # after the start, /proc may still show the forked Python instead of the binary.
-                exit_code = child.poll() if child and child.pid == pid else None
-                if exit_code is not None or (not child and not _alive(pid, component)):
+                exit_code = child.poll() if child and child.pid == entry["pid"] else None
+                if exit_code is not None or (not child and not self._runs(component, entry)):
                     code = f" with code {exit_code}" if exit_code is not None else ""
                     raise ClusterError(f"{component} exited{code} during startup; see {self.logs / component}.log: "
                                        f"{_last_line(self.logs / f'{component}.log')}")
@@ -442,20 +539,66 @@ class Cluster:
                 raise ClusterError(f"{name} not ready after {STARTUP_TIMEOUT_S:.0f}s; see {self.logs}/")
             time.sleep(0.25)
 
-    def _stop_processes(self, state: dict) -> None:
-        # Reverse start order: clients first, etcd last.
-        pids = [(name, pid) for name, pid in reversed(list(state["pids"].items())) if _alive(pid, name)]
-        for name, pid in pids:
+    def _runs(self, name: str, entry: dict | int | None) -> bool:
+        """The state.json entry still is this directory's NAME: the same process (pid and start
+        time) running that binary with this directory in its command line."""
+        if entry is None:
+            return False
+        # A bare pid: state.json written before start times were recorded.
+        pid, start = (entry, None) if isinstance(entry, int) else (entry["pid"], entry["start"])
+        return (start is None or _process_start(pid) == start) and self._is_component(pid, name)
+
+    def _identifying_arg(self, name: str) -> str:
+        """The argument naming this state directory that NAME is always started with."""
+        return {
+            "etcd": f"--data-dir={self.dir / 'etcd'}",
+            "kube-apiserver": f"--tls-cert-file={self.pki / 'apiserver.crt'}",
+            "kube-controller-manager": f"--kubeconfig={self.dir / 'kube-controller-manager.kubeconfig'}",
+            "kube-scheduler": f"--kubeconfig={self.dir / 'kube-scheduler.kubeconfig'}",
+            "kwok": f"--kubeconfig={self.kubeconfig}",
+        }[name]
+
+    def _is_component(self, pid: int, name: str) -> bool:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return False
+        return (Path(argv[0]).name == name and self._identifying_arg(name) in argv
+                and _process_start(pid) is not None)  # a zombie has exited
+
+    def _components_by_command_line(self) -> dict[int, str]:
+        """pid -> process start of every running component of this directory."""
+        found = {}
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and any(self._is_component(int(proc.name), name) for name in BINARIES):
+                if start := _process_start(int(proc.name)):
+                    found[int(proc.name)] = start
+        return found
+
+    def _children_running(self) -> dict[int, str]:
+        """This process's own children not yet exited (their /proc may not show the binary yet)."""
+        return {child.pid: start for child in self._children.values()
+                if child.poll() is None and (start := _process_start(child.pid))}
+
+    def _stop(self, processes: dict[int, str]) -> None:
+        """SIGTERM, then SIGKILL after 15 s, to each pid still having its recorded start time."""
+        def alive(pid: int) -> bool:
+            for child in self._children.values():
+                if child.pid == pid:
+                    child.poll()  # reaps it, so an exited child stops counting
+            return _process_start(pid) == processes[pid]
+
+        for pid in processes:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                if alive(pid):
+                    os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        for name, pid in pids:
-            while _alive(pid, name) and time.monotonic() < deadline:
+        for pid in processes:
+            while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(pid, name):
-                with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
+                if alive(pid):
                     os.kill(pid, signal.SIGKILL)
-        state["pids"] = {}
 
     # --------------------------------------------------------------------- API access
     def _ssl_context(self) -> ssl.SSLContext:
@@ -495,6 +638,9 @@ class Cluster:
         return self._get(self.server + path) == 200
 
     def _create_kwok_node(self, name: str) -> None:
+        """Creates it unless it exists (a restarted cluster keeps its nodes in etcd)."""
+        if self._exists(f"/api/v1/nodes/{name}"):
+            return
         key, value = KWOK_NODE_ANNOTATION
         self.api("POST", "/api/v1/nodes", {
             "apiVersion": "v1", "kind": "Node",
@@ -524,25 +670,24 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def _pid_exists(pid: int) -> bool:
+def _process_start(pid: int) -> str | None:
+    """Identifies the process PID across pid reuse: boot id and start time (/proc/PID/stat);
+    None when no such process runs (a zombie has exited)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is stat's 3rd field (state), so its 22nd (starttime) is fields[19].
+    return None if fields[0] == "Z" else f"{boot} {fields[19]}"
 
 
-def _alive(pid: int, name: str) -> bool:
-    """The pid runs the named binary (a recycled pid of another program does not count)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # A zombie (exited child not yet reaped) is not running.
-    return Path(cmdline.decode()).name == name and status.rsplit(")", 1)[1].split()[0] != "Z"
+def _check_arguments(nodes: int, port_base: int | None) -> None:
+    if nodes < 0:
+        raise ClusterError(f"--nodes {nodes}: the number of KWOK nodes cannot be negative")
+    if port_base is not None and not 1 <= port_base <= 65535 - 5:
+        raise ClusterError(f"--port-base {port_base}: the cluster uses ports BASE..BASE+5, so BASE "
+                           "must be between 1 and 65530")
 
 
 def _last_line(path: Path) -> str:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -37,10 +42,151 @@ def test_a_taken_port_is_named_and_nothing_starts(tmp_path):
     assert cluster.state() is None
 
 
+def tree(root):
+    return {str(path.relative_to(root)): path.read_bytes() if path.is_file() else None
+            for path in sorted(root.rglob("*"))}
+
+
 def test_down_without_a_cluster_is_a_no_op(tmp_path):
-    cluster = local_cluster.Cluster(tmp_path / "state", fake_bin_dir(tmp_path))
-    cluster.down()
-    assert not cluster.running()
+    """Nothing is created where no state directory exists, and of a state directory only
+    cluster.py's own entries go: whatever else lies there stays byte for byte."""
+    before = tree(tmp_path)
+    local_cluster.Cluster(tmp_path / "state", fake_bin_dir(tmp_path)).down()
+    assert not (tmp_path / "state").exists()
+
+    state_dir = tmp_path / "used"
+    state_dir.mkdir()
+    (state_dir / local_cluster.MARKER).write_text("")
+    for own in ("logs", "pki", "etcd"):
+        (state_dir / own).mkdir()
+        (state_dir / own / "file").write_text("x")
+    (state_dir / "kubeconfig").write_text("x")
+    (state_dir / "notes.txt").write_text("kept")
+    (state_dir / "work").mkdir()
+    (state_dir / "work" / "main.go").write_text("kept too")
+    local_cluster.Cluster(state_dir).down()
+    assert tree(state_dir) == {local_cluster.MARKER: b"", ".lock": b"", "notes.txt": b"kept",
+                               "work": None, "work/main.go": b"kept too"}
+    assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("used")} == {**before, "bin": None,
+        **{f"bin/{n}": b"#!/bin/sh\nexit 1\n" for n in local_cluster.BINARIES}}
+
+
+@pytest.mark.parametrize("command", ["up", "down"])
+def test_a_non_empty_directory_without_the_marker_is_refused_and_left_alone(tmp_path, command):
+    victim = tmp_path / "victim"
+    (victim / "project" / "src").mkdir(parents=True)
+    (victim / "notes.txt").write_text("precious")
+    (victim / "project" / "src" / "main.go").write_text("code")
+    before = tree(victim)
+    cluster = local_cluster.Cluster(victim, tmp_path / "no-bin")
+    with pytest.raises(local_cluster.ClusterError, match=r"is not empty and is no cluster state directory "
+                                                         r"\(no \.rmjob-cluster in it\); pass an empty or new --dir$"):
+        getattr(cluster, command)()
+    assert tree(victim) == before
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port-base", "65533"], "error: --port-base 65533: the cluster uses ports BASE..BASE+5, so BASE must be between 1 and 65530"),
+    (["--port-base", "-5"], "error: --port-base -5: the cluster uses ports BASE..BASE+5, so BASE must be between 1 and 65530"),
+    (["--nodes", "-1"], "error: --nodes -1: the number of KWOK nodes cannot be negative"),
+])
+def test_bad_arguments_are_one_line_and_create_nothing(tmp_path, args, message):
+    result = subprocess.run([sys.executable, str(local_cluster.REPO / "hack" / "cluster" / "cluster.py"), "up",
+                             "--dir", str(tmp_path / "state"), *args], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr, result.stdout) == (1, message + "\n", "")
+    assert not (tmp_path / "state").exists()
+
+
+# --- components identified by pid, start time and command line, without a real cluster ------
+
+def fake_component(cluster, bin_dir, name):
+    """A process whose command line looks like cluster's NAME (argv[0] .../NAME, its identifying
+    argument), sleeping; the test process is its parent, so a stopped one is reaped by poll()."""
+    return subprocess.Popen([str(bin_dir / name), "-c", "import time; time.sleep(600)",
+                             cluster._identifying_arg(name)], executable=sys.executable)
+
+
+def fake_cluster(tmp_path, name, *, owner="tests"):
+    """CLUSTER with every component faked and recorded in its state.json: (cluster, processes)."""
+    cluster = local_cluster.Cluster(tmp_path / name, tmp_path / "bin")
+    with cluster.locked():
+        pass
+    processes = {component: fake_component(cluster, tmp_path / "bin", component) for component in local_cluster.BINARIES}
+    deadline = time.monotonic() + 30
+    while not all(cluster._is_component(p.pid, c) for c, p in processes.items()):  # until exec'd
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cluster._write_state({"owner": owner, "ports": vars(local_cluster.Ports.free()), "nodes": 0, "version": "v0",
+                          "pids": {c: {"pid": p.pid, "start": local_cluster._process_start(p.pid)}
+                                   for c, p in processes.items()}})
+    return cluster, processes
+
+
+@pytest.fixture
+def stop_fakes():
+    started = []
+    yield started.extend
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def alive(processes):
+    return {name for name, process in processes.items() if process.poll() is None}
+
+
+def test_down_without_state_json_stops_this_directorys_components_and_no_others(tmp_path, stop_fakes):
+    mine, my_processes = fake_cluster(tmp_path, "mine")
+    other, other_processes = fake_cluster(tmp_path, "mine-other")  # a name sharing a prefix
+    stop_fakes([*my_processes.values(), *other_processes.values()])
+    mine.state_file.unlink()
+    mine.down()
+    assert alive(my_processes) == set()
+    assert alive(other_processes) == set(local_cluster.BINARIES)
+
+
+def test_a_stale_state_json_never_stops_another_clusters_processes(tmp_path, stop_fakes):
+    other, other_processes = fake_cluster(tmp_path, "other")
+    stop_fakes(other_processes.values())
+    stale = local_cluster.Cluster(tmp_path / "stale")
+    with stale.locked():
+        pass
+    stale.state_file.write_text(other.state_file.read_text())  # a copied tree: same pids and start times
+    assert stale._dead(stale.state()) == list(local_cluster.BINARIES)
+    assert not stale.running()
+    stale.down()
+    assert alive(other_processes) == set(local_cluster.BINARIES)
+
+
+def dead_process_start():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    start = local_cluster._process_start(process.pid)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return process.pid, start
+
+
+def test_users_that_died_or_whose_pid_was_reused_do_not_keep_a_test_cluster_alive(tmp_path, stop_fakes):
+    cluster, processes = fake_cluster(tmp_path, "state")
+    stop_fakes(processes.values())
+    cluster.users_dir.mkdir()
+    pid, start = dead_process_start()  # a SIGKILLed session
+    (cluster.users_dir / str(pid)).write_text(start)
+    # A dead session's pid now used by another live process (pid 1 stands in for it).
+    (cluster.users_dir / "1").write_text(local_cluster._process_start(1).split()[0] + " 999999999")
+    assert cluster.detach() is True
+    assert alive(processes) == set()
+    assert cluster.state() is None and not cluster.users_dir.exists()
+
+
+def test_a_live_user_keeps_a_test_cluster_alive(tmp_path, stop_fakes):
+    cluster, processes = fake_cluster(tmp_path, "state")
+    stop_fakes(processes.values())
+    cluster.users_dir.mkdir()
+    (cluster.users_dir / "1").write_text(local_cluster._process_start(1))
+    assert cluster.detach() is False
+    assert alive(processes) == set(local_cluster.BINARIES)
+    assert cluster.state() is not None
 
 
 @pytest.mark.parametrize(("missing", "go_found", "ci", "expected"), [

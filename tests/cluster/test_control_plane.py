@@ -4,7 +4,11 @@ scheduler + KWOK nodes, garbage collector. Everything goes through the real kube
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -134,3 +138,44 @@ def test_a_runner_namespace_sends_its_pods_to_the_runner_node(kubectl, namespace
     finally:
         kubectl("delete", "pod", "probe", "-n", namespace, "--force", "--grace-period=0", check=False)
         kubectl("delete", "node", node, check=False)
+
+
+@pytest.mark.slow
+def test_up_restarts_only_the_dead_component_and_a_sigkilled_session_leaves_nothing(cluster, tmp_path):
+    """A cluster of its own (not the shared one): started by a test session that is then
+    SIGKILLed; its scheduler dies too. The next session's attach restarts the scheduler alone
+    (same ports, CA and etcd data); its detach stops the cluster, the killed user not counting."""
+    state_dir = tmp_path / "cluster"
+    session = subprocess.Popen([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, sys.argv[1]); import cluster, time; "
+        "cluster.Cluster(sys.argv[2], sys.argv[3]).attach(nodes=1); print('attached', flush=True); time.sleep(600)"),
+        str(REPO / "hack" / "cluster"), str(state_dir), str(cluster.bin)], stdout=subprocess.PIPE, text=True)
+    own = local_cluster.Cluster(state_dir, cluster.bin)
+    try:
+        assert session.stdout.readline().strip() == "attached"
+        session.send_signal(signal.SIGKILL)
+        session.wait()
+        before = own.state()
+        ca = (own.pki / "ca.crt").read_bytes()
+        own.api("POST", "/api/v1/namespaces", {"metadata": {"name": "keep-me"}})
+        scheduler = before["pids"]["kube-scheduler"]["pid"]
+        os.kill(scheduler, signal.SIGKILL)
+        while local_cluster._process_start(scheduler):
+            time.sleep(0.1)
+
+        assert own.attach() is True
+        after = own.state()
+        assert after["ports"] == before["ports"]
+        assert {k: v for k, v in after["pids"].items() if k != "kube-scheduler"} == \
+            {k: v for k, v in before["pids"].items() if k != "kube-scheduler"}
+        assert after["pids"]["kube-scheduler"]["pid"] != scheduler
+        assert (own.pki / "ca.crt").read_bytes() == ca
+        assert own.api("GET", "/api/v1/namespaces/keep-me")["metadata"]["name"] == "keep-me"
+        assert own.running()
+
+        assert own.detach() is True
+        assert own._components_by_command_line() == {}
+        assert own.state() is None
+    finally:
+        session.kill()
+        own.down()

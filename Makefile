@@ -5,9 +5,13 @@ STAMP  := $(VENV)/.installed
 TOOLS  := .tools/bin
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install test test-fast demo crd bench lint e2e clean k8s-tools cluster-up cluster-down
+.PHONY: install install-python test test-fast demo crd bench lint e2e clean k8s-tools cluster-up cluster-down
 
-install: $(STAMP) k8s-tools
+install: install-python k8s-tools
+
+# The virtual environment and its tools, without the local Kubernetes control plane (whose
+# cold build takes about half an hour and needs go).
+install-python: $(STAMP)
 
 # torch first and pinned, so that no later requirement swaps it for another build (PyPI's
 # 2.13.0 is the CUDA build, ~3.5 GB with its nvidia wheels; it runs on the CPU too).
@@ -24,7 +28,7 @@ test: install
 
 # The day-to-day loop: without the local Kubernetes control plane, the image builds and the
 # multi-process runs (`make test` runs everything).
-test-fast: install
+test-fast: install-python
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not cluster and not images and not slow"
 
 # The local Kubernetes control plane (hack/k8s, pinned in its go.mod files) is built from the Go

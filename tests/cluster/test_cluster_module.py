@@ -198,3 +198,16 @@ def test_a_live_user_keeps_a_test_cluster_alive(tmp_path, stop_fakes):
 def test_toolchain_rule(missing, go_found, ci, expected):
     verdict = toolchain_verdict(missing, go_found, ci)
     assert (verdict[0] if verdict else None) == expected
+
+
+def make_dry_run(target, **env):
+    result = subprocess.run(["make", "-n", "-C", str(local_cluster.REPO), target], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_make_test_fast_does_not_build_the_control_plane_and_make_test_does():
+    assert "hack/k8s/build.sh" not in make_dry_run("test-fast", CI="true")
+    assert "pytest" in make_dry_run("test-fast", CI="true")
+    assert "hack/k8s/build.sh" in make_dry_run("test")

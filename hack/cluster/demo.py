@@ -5,8 +5,9 @@ Starts the control plane (hack/cluster/cluster.py) unless it is running, install
 (hack/cluster/pod_runner.py) as local processes, puts a tiny model and the bundled data where
 manifests/examples/cpu-local.yaml expects them (/tmp/rmjob-cpu-local), applies that example in
 namespace ``rmjob-demo``, shows ``kubectl get rmj`` until the job finishes and prints its status.
-Then it deletes that namespace and stops the control plane if it started it (a cluster that
-was already running, e.g. from ``make cluster-up``, is left running, without the demo's job).
+Then it deletes that namespace and detaches from the control plane, which stops it when the
+demo was its last user and nobody started it by hand (``make cluster-up``'s cluster is left
+running, without the demo's job; so is one that a test session still uses).
 Exits 0 when the job Succeeded.
 """
 
@@ -53,21 +54,21 @@ def prepare_node_data() -> None:
 def main() -> int:
     cluster_module = pod_runner._cluster_module()
     cluster = cluster_module.Cluster()
-    already_running = cluster.running()
-    print("using the running local control plane" if already_running else "starting the local control plane")
+    print("attaching to the local control plane (started unless it runs)")
     try:
-        if not already_running:
-            cluster.up()
+        # A user like a test session: whoever detaches last stops a cluster not started by hand,
+        # so neither the demo nor a test run stops it under the other.
+        started = cluster.attach()
     except cluster_module.ClusterError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    print("local control plane started" if started else "using the running local control plane")
     try:
         return run_demo(cluster)
     finally:
         # Leaves the cluster as it found it: tests that share a running cluster expect no jobs.
         kubectl(cluster, "delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s", check=False)
-        if not already_running:
-            cluster.down()
+        if cluster.detach():
             print("local control plane stopped")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -211,3 +212,23 @@ def test_make_test_fast_does_not_build_the_control_plane_and_make_test_does():
     assert "hack/k8s/build.sh" not in make_dry_run("test-fast", CI="true")
     assert "pytest" in make_dry_run("test-fast", CI="true")
     assert "hack/k8s/build.sh" in make_dry_run("test")
+
+
+def test_the_demo_uses_the_cluster_as_a_registered_user(monkeypatch):
+    """demo.py attaches and detaches like a test session, so a session's last detach cannot stop
+    the cluster under the demo, nor the demo stop it under a session."""
+    spec = importlib.util.spec_from_file_location("rmjob_cluster_demo", local_cluster.REPO / "hack" / "cluster" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    calls = []
+
+    class RecordingCluster:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: calls.append(name) or (name == "attach")
+
+    cluster_module = demo.pod_runner._cluster_module()
+    monkeypatch.setattr(cluster_module, "Cluster", RecordingCluster)
+    monkeypatch.setattr(demo, "run_demo", lambda cluster: calls.append("run_demo") or 0)
+    monkeypatch.setattr(demo, "kubectl", lambda *args, **kwargs: "")
+    assert demo.main() == 0
+    assert calls == ["attach", "run_demo", "detach"]

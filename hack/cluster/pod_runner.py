@@ -745,6 +745,8 @@ class PodRunner:
 
     def _tell_watchdog(self, line: str) -> None:
         with self._watchdog_lock:
+            if self._watchdog.stdin.closed:
+                return  # stop() gave up waiting for this pod: the watchdog has killed its groups
             self._watchdog.stdin.write(line + "\n")
             self._watchdog.stdin.flush()
 
@@ -758,7 +760,8 @@ class PodRunner:
             pod.thread.join(timeout=60)
         if self._watchdog:
             # Groups still listed (a pod thread that did not finish in time) are killed now.
-            self._watchdog.stdin.close()
+            with self._watchdog_lock:
+                self._watchdog.stdin.close()
             self._watchdog.wait()
         try:
             self.api("DELETE", f"/api/v1/nodes/{self.node}")

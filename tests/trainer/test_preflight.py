@@ -13,8 +13,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -444,16 +445,14 @@ def test_wandb_offline_command_needs_no_credentials(command, tmp_path, monkeypat
 
 
 # --- one verdict for all ranks ---------------------------------------------------------------
-def _verdicts(errors: list[str | None]) -> list[str | None]:
-    from torch.distributed import TCPStore
-
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # what torchrun's agent hosts
-    env = {"WORLD_SIZE": str(len(errors)), "TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(store.port), "TORCHELASTIC_RESTART_COUNT": "0"}
-    results: list[str | None] = [None] * len(errors)
+def _round(errors: list[str | None], env: dict, restart_counts: list[int] | None = None) -> list[str | None]:
+    """One round of ranks (threads), each calling agree() with the launcher's environment."""
+    results: list[str | None] = ["<no verdict>"] * len(errors)
+    counts = restart_counts or [0] * len(errors)
 
     def rank(r: int) -> None:
-        results[r] = agree(errors[r], {**env, "RANK": str(r)})
+        results[r] = agree(errors[r], {**env, "WORLD_SIZE": str(len(errors)), "RANK": str(r),
+                                       "TORCHELASTIC_RESTART_COUNT": str(counts[r])})
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(errors))]
     for t in threads:
@@ -463,11 +462,59 @@ def _verdicts(errors: list[str | None]) -> list[str | None]:
     return results
 
 
+@pytest.fixture
+def agent_store() -> Iterator[dict]:
+    """What torchrun's agent hosts and tells its workers; it outlives a restart of the workers."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    yield {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port)}
+
+
+def _verdicts(errors: list[str | None]) -> list[str | None]:
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    return _round(errors, {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(store.port)})
+
+
 def test_every_rank_stops_with_the_first_failing_ranks_line():
     line = "--model_name_or_path: no such directory: /models/rm"
     assert _verdicts([None, line, None]) == [f"{line} (on rank 1 of 3)"] * 3
     assert _verdicts([line, line]) == [line, line]
     assert _verdicts([None, None]) == [None, None]
+
+
+def test_a_restarted_round_never_reads_an_earlier_rounds_verdicts(agent_store, monkeypatch):
+    """torchrun restarts every node's workers when one fails, but only the failing node's
+    TORCHELASTIC_RESTART_COUNT goes up: the ranks of round 2 disagree on it."""
+    monkeypatch.setattr("rmjob_trainer.preflight.AGREE_TIMEOUT", timedelta(seconds=20))
+    line = "--model_name_or_path: no such directory: /models/rm"
+    assert _round([None, None], agent_store) == [None, None]
+    assert _round([line, None], agent_store, restart_counts=[1, 0]) == [f"{line} (on rank 0 of 2)"] * 2
+    assert _round([None, None], agent_store, restart_counts=[2, 0]) == [None, None]
+
+
+def test_ranks_started_by_hand_agree_too():
+    """RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT only, no agent store: rank 0 hosts the store."""
+    line = "--model_name_or_path: no such directory: models/rm"
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(closed_port())}
+    assert _round([None, line], env) == [f"{line} (on rank 1 of 2)"] * 2
+
+
+def test_a_lost_store_is_one_line_not_a_traceback(monkeypatch):
+    """The agent store's host (rank 0's node) dies while rank 1 waits for its round."""
+    host = subprocess.Popen([sys.executable, "-c", "from torch.distributed import TCPStore; import time; "
+                             "s = TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False); "
+                             "print(s.port, flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    env = {"WORLD_SIZE": "2", "RANK": "1", "TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": host.stdout.readline().strip()}
+    threading.Timer(3, host.kill).start()
+    verdict = agree(None, env)
+    host.wait()
+    assert verdict.startswith("the start-up checks could not hear from every rank ("), verdict
+    assert verdict.endswith("rank 0's process or node (MASTER_ADDR) went away or cannot be reached: look at its log")
 
 
 def test_a_single_process_decides_alone():

@@ -8,7 +8,7 @@ Each failure is a :class:`~rmjob_trainer.UserInputError` whose message names the
 what to do, printed by the command line as one ``error:`` line.
 
 Under torchrun the processes may not see the same machine (a model directory present on one
-node only), so :func:`agree` shares every rank's verdict through the launcher's own store and
+node only), so :func:`agree` shares every rank's verdict through a store this round's rank 0 hosts and
 all ranks stop with the same line, or none does. :func:`plan` is the run's first line: what
 is about to happen, computed from the config and the launcher's environment.
 
@@ -23,7 +23,9 @@ import math
 import netrc
 import os
 import re
+import secrets
 import tempfile
+import time
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -375,32 +377,95 @@ def check_model(cfg: RewardConfig) -> None:
 def agree(error: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
     """Every rank's verdict -> the run's verdict: the first failing rank's message, or None.
 
-    Only under torchrun (and launchers built on it: accelerate, the operator's pods), whose
-    agent hosts a store every worker can reach before the process group exists; elsewhere
-    each process decides alone.
+    Wherever the launcher set WORLD_SIZE > 1 and MASTER_ADDR/MASTER_PORT (torchrun, accelerate,
+    the operator's pods, ranks started by hand). Every wait is bounded by AGREE_TIMEOUT, and a
+    peer or store that goes away is a verdict too, so no rank ever goes on alone.
     """
     world_size = int(environ.get("WORLD_SIZE", 1))
-    if world_size == 1 or environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if world_size == 1 or not environ.get("MASTER_ADDR") or not environ.get("MASTER_PORT"):
         return error
-    from torch.distributed import TCPStore
+    from torch.distributed import DistError
 
-    store = TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), is_master=False,
-                     timeout=AGREE_TIMEOUT)
-    prefix = f"rmjob/preflight/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-    store.set(prefix + environ["RANK"], error or "")
-    keys = [f"{prefix}{rank}" for rank in range(world_size)]
+    rank = int(environ.get("RANK", 0))
+    deadline = time.monotonic() + AGREE_TIMEOUT.total_seconds()
+    keys = [f"{_VERDICT_PREFIX}{r}" for r in range(world_size)]
     try:
-        store.wait(keys, AGREE_TIMEOUT)
-    except RuntimeError:  # the store's timeout
-        missing = [key.removeprefix(prefix) for key in keys if not store.check([key])]
-        return (f"rank(s) {', '.join(missing)} did not finish the start-up checks within "
-                f"{AGREE_TIMEOUT.total_seconds():.0f} s; look at their logs")
-    verdicts = [store.get(key).decode() for key in keys]
-    failed = [rank for rank, verdict in enumerate(verdicts) if verdict]
+        store = _round_store(rank, environ, deadline)
+        store.set(keys[rank], error or "")
+        try:
+            store.wait(keys, timedelta(seconds=max(deadline - time.monotonic(), 1)))
+        except DistError:
+            if not all(store.check([key]) for key in keys):  # a timeout, not a lost store
+                missing = [str(r) for r, key in enumerate(keys) if not store.check([key])]
+                return (f"rank(s) {', '.join(missing)} did not finish the start-up checks within "
+                        f"{AGREE_TIMEOUT.total_seconds():.0f} s; look at their logs")
+        verdicts = [store.get(key).decode() for key in keys]
+        store.set(f"{_READ_PREFIX}{rank}", "")
+        if rank == 0:  # the store ends with this process: not before every rank has read it
+            try:
+                store.wait([f"{_READ_PREFIX}{r}" for r in range(world_size)],
+                           timedelta(seconds=max(deadline - time.monotonic(), 1)))
+            except DistError:
+                pass  # a rank that died after its verdict; the verdict stands
+    except DistError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"the start-up checks could not hear from every rank ({reason}); rank 0's process or node "
+                "(MASTER_ADDR) went away or cannot be reached: look at its log")
+    failed = [r for r, verdict in enumerate(verdicts) if verdict]
     if not failed:
         return None
     where = "" if len(failed) == world_size else f" (on rank {', '.join(map(str, failed))} of {world_size})"
     return verdicts[failed[0]] + where
+
+
+_VERDICT_PREFIX = "rmjob/preflight/verdict/"
+_READ_PREFIX = "rmjob/preflight/read/"
+_ROUND_STORE_KEY = "rmjob/preflight/round-store"
+
+
+def _round_store(rank: int, environ: Mapping[str, str], deadline: float):
+    """A store that lives exactly as long as this round's rank 0, so it holds no earlier
+    round's verdicts.
+
+    Why not keys in torchrun's agent store (at MASTER_ADDR:MASTER_PORT): it outlives a restart
+    of the workers, and nothing in a worker's environment names the round identically on every
+    node (TORCHELASTIC_RESTART_COUNT counts each node's own failures; a node restarted because
+    another one failed keeps its count), so a rank could read an earlier round's verdicts.
+    Why not the process group: its timeout is also every collective's during training, and a
+    short one would break long checkpoint writes. So rank 0 hosts a fresh store and publishes
+    its port and a random token in the agent store; the others take the published address only
+    when that store answers with that token. An earlier round's entry points at a store that
+    died with its rank 0 (all workers of a round stop before the next round starts), so it is
+    never taken, only waited past. Without an agent store (ranks started by hand, accelerate
+    without torchrun) rank 0 hosts the store at MASTER_PORT itself, as init_process_group later
+    does (multi-tenant: the same server), and a new launch is a new store.
+    """
+    from torch.distributed import DistError, TCPStore
+
+    addr, port = environ["MASTER_ADDR"], int(environ["MASTER_PORT"])
+    timeout = timedelta(seconds=max(deadline - time.monotonic(), 1))
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return TCPStore(addr, port, is_master=rank == 0, multi_tenant=True, wait_for_workers=False,
+                        timeout=timeout)
+    agent = TCPStore(addr, port, is_master=False, timeout=timeout)
+    if rank == 0:
+        store = TCPStore(addr, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        token = secrets.token_hex(16)
+        store.set("token", token)
+        agent.set(_ROUND_STORE_KEY, f"{store.port} {token}")
+        return store
+    while True:
+        published = agent.get(_ROUND_STORE_KEY).decode()  # waits for the first round's entry
+        store_port, token = published.split()
+        try:
+            store = TCPStore(addr, int(store_port), is_master=False, timeout=timedelta(seconds=2))
+            if store.get("token").decode() == token:
+                return store
+        except DistError:
+            pass  # an earlier round's store, gone with its rank 0
+        if time.monotonic() > deadline:
+            raise DistError(f"no start-up store from this round's rank 0 within {AGREE_TIMEOUT.total_seconds():.0f} s")
+        time.sleep(0.5)
 
 
 # --- the plan ------------------------------------------------------------------------------

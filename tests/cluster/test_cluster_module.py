@@ -232,3 +232,74 @@ def test_the_demo_uses_the_cluster_as_a_registered_user(monkeypatch):
     monkeypatch.setattr(demo, "kubectl", lambda *args, **kwargs: "")
     assert demo.main() == 0
     assert calls == ["attach", "run_demo", "detach"]
+
+
+# --- hack/k8s/build.sh, with a fake go that records what it is asked -------------------------
+
+FAKE_GO = """#!/bin/bash
+echo "$*" >> "$GO_LOG"
+case "$1" in
+  list) [[ " $FAIL_MODULE " == *" ${@: -1} "* ]] && { echo "go: module lookup disabled by GOPROXY=off" >&2; exit 1; }
+        case "${@: -1}" in k8s.io/kubernetes) echo v1.35.4;; go.etcd.io/etcd/server/v3) echo v3.6.5;; *) echo v0.8.0;; esac;;
+  env) shift; for v in "$@"; do case $v in GOVERSION) echo "${FAKE_GOVERSION:-go1.26.0}";; *) echo "$v-value";; esac; done;;
+  build) while [[ $1 != -o ]]; do shift; done; printf '#!/bin/sh\\necho built\\n' > "$2"; chmod +x "$2";;
+esac
+"""
+
+
+@pytest.fixture
+def build_script(tmp_path):
+    """A copy of hack/k8s (build.sh, each module's go.mod/go.sum) run with the fake go:
+    run(**env) -> (CompletedProcess, the binaries `go build` was asked for)."""
+    k8s = tmp_path / "k8s"
+    for module in ("kubernetes", "etcd", "kwok"):
+        (k8s / module).mkdir(parents=True)
+        for name in ("go.mod", "go.sum"):
+            (k8s / module / name).write_bytes((local_cluster.REPO / "hack" / "k8s" / module / name).read_bytes())
+    (k8s / "build.sh").write_bytes((local_cluster.REPO / "hack" / "k8s" / "build.sh").read_bytes())
+    (k8s / "build.sh").chmod(0o755)
+    (tmp_path / "gobin").mkdir()
+    (tmp_path / "gobin" / "go").write_text(FAKE_GO)
+    (tmp_path / "gobin" / "go").chmod(0o755)
+    log = tmp_path / "go.log"
+
+    def run(**env):
+        log.write_text("")
+        result = subprocess.run([str(k8s / "build.sh"), str(tmp_path / "bin")], capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "PATH": f"{tmp_path / 'gobin'}:/usr/bin:/bin",
+                                                 "GO_LOG": str(log), **env})
+        built = [line.split()[-2].rsplit("/", 1)[1] for line in log.read_text().splitlines() if line.startswith("build ")]
+        return result, built
+
+    run.k8s = k8s
+    run.bin = tmp_path / "bin"
+    return run
+
+
+def test_build_sh_rebuilds_when_what_a_binary_was_built_from_changes(build_script):
+    # Binaries that claim the pinned version but carry no stamp (the reviewer's case) are rebuilt.
+    build_script.bin.mkdir()
+    for name, version in (("kube-apiserver", "Kubernetes v1.35.4"), ("kube-controller-manager", "Kubernetes v1.35.4"),
+                          ("kube-scheduler", "Kubernetes v1.35.4"), ("etcd", "etcd Version: 3.6.5"),
+                          ("kwok", "kwok version v0.8.0")):
+        (build_script.bin / name).write_text(f"#!/bin/sh\necho '{version}'\n")
+        (build_script.bin / name).chmod(0o755)
+    result, built = build_script()
+    assert result.returncode == 0, result.stderr
+    assert sorted(built) == sorted(local_cluster.BINARIES)
+
+    assert build_script()[1] == []
+    with open(build_script.k8s / "etcd" / "go.sum", "a") as go_sum:
+        go_sum.write("example.com/changed v1.0.0 h1:AAAA=\n")
+    assert build_script()[1] == ["etcd"]
+    assert sorted(build_script(FAKE_GOVERSION="go1.27.0")[1]) == sorted(local_cluster.BINARIES)
+    assert build_script(FAKE_GOVERSION="go1.27.0", GOFLAGS="-buildvcs=false")[1] == \
+        ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd", "kwok"]
+
+
+def test_build_sh_names_the_module_it_cannot_resolve(build_script):
+    result, built = build_script(FAIL_MODULE="go.etcd.io/etcd/server/v3")
+    assert result.returncode != 0 and built == ["kube-apiserver", "kube-controller-manager", "kube-scheduler"]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: cannot resolve go.etcd.io/etcd/server/v3 in module hack/k8s/etcd (Go module proxy unreachable "
+        "and not in the module cache?); go's message is above")

@@ -212,8 +212,8 @@ class Cluster:
         if (self.dir / MARKER).exists():
             return
         entries = set(os.listdir(self.dir)) if self.dir.is_dir() else set()
-        # Made by cluster.py before the marker existed: only its own names, state.json among them.
-        made_here = "state.json" in entries and entries <= {*OWN_ENTRIES, ".lock"}
+        # Made by cluster.py before the marker existed: only its own names, its state or lock among them.
+        made_here = entries <= {*OWN_ENTRIES, ".lock"} and bool(entries & {"state.json", ".lock"})
         if entries and not made_here:
             raise ClusterError(f"{self.dir} is not empty and is no cluster state directory (no {MARKER} "
                                "in it); pass an empty or new --dir")

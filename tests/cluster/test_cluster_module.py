@@ -303,3 +303,14 @@ def test_build_sh_names_the_module_it_cannot_resolve(build_script):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: cannot resolve go.etcd.io/etcd/server/v3 in module hack/k8s/etcd (Go module proxy unreachable "
         "and not in the module cache?); go's message is above")
+
+
+@pytest.mark.parametrize("left", [[".lock"], [".lock", "state.json", "logs", "pki", "users"]])
+def test_a_state_directory_from_before_the_marker_is_still_recognized(tmp_path, left):
+    """What cluster.py left before it wrote a marker (.cluster/ after `down`, or of a running cluster)."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    for name in left:
+        (state_dir / name).mkdir() if name in ("logs", "pki", "users") else (state_dir / name).write_text("{}")
+    local_cluster.Cluster(state_dir).down()
+    assert sorted(p.name for p in state_dir.iterdir()) == [".lock", local_cluster.MARKER]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -332,3 +333,22 @@ def test_trainer_image_refuses_an_unknown_variant(trainer_image):
     )
     assert result.returncode != 0
     assert "VARIANT must be cuda or cpu, got 'gpu'" in result.stdout + result.stderr
+
+
+@pytest.mark.images
+@pytest.mark.xdist_group("images")
+@pytest.mark.timeout(BUILD_TIMEOUT)
+@pytest.mark.parametrize("package", ["rmjob_operator", "rmjob_trainer"])
+@pytest.mark.parametrize("image_fixture", ["operator_image", "trainer_image"])
+def test_image_holds_the_current_sources(image_fixture, package, request):
+    """A rebuild after a code change installs that code: a layer cached by anything but the
+    sources' content (a bind mount from the build stage did) would ship the previous release."""
+    image = request.getfixturevalue(image_fixture)
+    script = ("import hashlib, importlib, pathlib; p = pathlib.Path(importlib.import_module("
+              f"'{package}').__file__).parent; print(hashlib.sha256(b''.join("
+              "f.read_bytes() for f in sorted(p.glob('*.py')))).hexdigest())")
+    with working_container(image) as container:
+        inside = buildah_run(container, "python", "-c", script).stdout.strip()
+    source = REPO / ("operator" if package == "rmjob_operator" else "trainer") / package
+    expected = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(source.glob("*.py")))).hexdigest()
+    assert inside == expected, f"{image} holds an older {package} than the working tree"

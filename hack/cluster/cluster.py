@@ -276,7 +276,15 @@ class Cluster:
         self._check_binaries()
         for name in dead:
             for field in COMPONENT_PORTS[name]:
-                check_port_free(getattr(ports, field), field)
+                # A component killed a moment ago may still hold its listener while it exits.
+                for attempt in range(30):
+                    try:
+                        check_port_free(getattr(ports, field), field)
+                        break
+                    except ClusterError:
+                        if attempt == 29:
+                            raise
+                        time.sleep(0.5)
             state["pids"].pop(name, None)  # else waiting for the others reports it as exited
         args = {"etcd": self._etcd_args, "kube-apiserver": self._apiserver_args,
                 "kube-controller-manager": self._controller_manager_args,

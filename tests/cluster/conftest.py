@@ -97,13 +97,14 @@ def namespace(kubectl):
 # --- the operator as a real process, with only the chart's RBAC (issue 8) -------------------
 
 from operator_harness import CRD_MANIFEST, OperatorIdentity, OperatorProcess  # noqa: E402
+from rmj import wait_established  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def rmj_crd(kubectl):
     """manifests/crd.yaml installed and Established (server-side apply: workers race safely)."""
     kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=rmjob-tests", "-f", str(CRD_MANIFEST))
-    kubectl("wait", "--for=condition=Established", "crd/rewardmodeljobs.rmjob.dev", "--timeout=60s")
+    wait_established(kubectl, "rewardmodeljobs.rmjob.dev")
 
 
 @pytest.fixture(scope="session")
@@ -216,3 +217,14 @@ def image_pod_runner(cluster, kubectl, namespace, tmp_path):
         kubectl("annotate", "namespace", namespace,
                 *(f"{key}={value}" for key, value in runner.namespace_annotations().items()))
         yield runner
+
+
+@pytest.fixture
+def host_rendezvous_port():
+    """Held while a test trains: runner pods share the host network, so two trainings at once
+    (one per xdist worker) would both bind torchrun's rendezvous port 29500."""
+    import fcntl
+
+    with open("/tmp/rmjob-tests-host-port-29500.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield 29500

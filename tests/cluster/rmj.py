@@ -68,6 +68,14 @@ def wait_until(condition, timeout: float, message: str, interval: float = 0.5):
         time.sleep(interval)
 
 
+def wait_established(kubectl, crd: str, timeout: float = 60) -> None:
+    """Until the CRD is Established. Polled, because `kubectl wait --for=condition=Established`
+    errors out instead of waiting while a just-created CRD has no status.conditions yet."""
+    jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+    wait_until(lambda: kubectl("get", f"crd/{crd}", "-o", f"jsonpath={jsonpath}", check=False).stdout.strip() == "True",
+               timeout, f"crd/{crd} Established")
+
+
 def status_of(kubectl, namespace: str, name: str) -> dict:
     return (get_or_none(kubectl, "rmj", name, "-n", namespace) or {}).get("status") or {}
 

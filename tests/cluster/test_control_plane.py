@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO, local_cluster
+from rmj import wait_established
 
 pytestmark = pytest.mark.cluster
 
@@ -42,7 +43,7 @@ def test_crd_is_accepted_and_rmj_is_listable(kubectl):
     applied = kubectl("apply", "-f", str(CRD), check=False)
     assert applied.returncode == 0, f"the API server refused manifests/crd.yaml: {applied.stderr.strip()}"
     name = yaml.safe_load(CRD.read_text())["metadata"]["name"]
-    kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    wait_established(kubectl, name)
     listed = kubectl("get", "rmj", "--all-namespaces", check=False)
     assert listed.returncode == 0, listed.stderr
     assert "No resources found" in listed.stderr + listed.stdout

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import yaml
 from operator_harness import CHART, CRD_MANIFEST, HELM, REPO
-from rmj import GROUP_PATH, get_json, invalid_specs, rmj, wait_until
+from rmj import GROUP_PATH, get_json, invalid_specs, rmj, wait_established, wait_until
 
 from rmjob_operator.spec import InvalidSpec, check_name, parse_spec
 
@@ -106,7 +106,7 @@ def test_helm_installs_upgrades_and_uninstalls_the_chart_and_its_crd(kubectl, cl
     try:
         # Confined to this test's namespace: namespaced Roles and admission-policy binding.
         helm("install", release, str(chart), "-n", namespace, "--set", f"watchNamespaces={{{namespace}}}")
-        kubectl("wait", "--for=condition=Established", f"crd/rewardmodeljobs.{group}", "--timeout=60s")
+        wait_established(kubectl, f"rewardmodeljobs.{group}")
         assert get_json(kubectl, "deployment", "-n", namespace, "-l", f"app.kubernetes.io/instance={release}")["items"]
         # The chart's admission policy (on by default) is enforced in the watched namespace.
         host_path = invalid_specs.with_changes(invalid_specs.MINIMAL, resources={

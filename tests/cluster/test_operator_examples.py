@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 from operator_harness import new_namespace
-from rmj import REPO, get_json, get_or_none, owned_by, status_of, wait_for_phase, wait_until
+from rmj import REPO, get_json, get_or_none, owned_by, status_of, wait_established, wait_for_phase, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -45,7 +45,7 @@ def gpu_node(cluster, kubectl):
 @pytest.fixture(scope="module")
 def pytorchjob_crd(kubectl):
     kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=rmjob-tests", "-f", str(PYTORCHJOB_CRD))
-    kubectl("wait", "--for=condition=Established", "crd/pytorchjobs.kubeflow.org", "--timeout=60s")
+    wait_established(kubectl, "pytorchjobs.kubeflow.org")
 
 
 @pytest.fixture(scope="module")

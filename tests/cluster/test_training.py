@@ -34,7 +34,7 @@ def get_json(kubectl, *args: str) -> dict:
 
 @pytest.mark.timeout(TRAINING_TIMEOUT_S + 120)
 def test_cpu_example_trains_across_two_pods_and_reports_its_status(
-        kubectl, namespace, pod_runner, rmj_crd, start_operator, tmp_path):
+        host_rendezvous_port, kubectl, namespace, pod_runner, rmj_crd, start_operator, tmp_path):
     job = yaml.safe_load(EXAMPLE.read_text())
     (volume,) = job["spec"]["resources"]["volumes"]
     volume["hostPath"]["path"] = str(node_data(tmp_path / "node"))

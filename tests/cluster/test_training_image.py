@@ -33,7 +33,8 @@ def readable_by_all(directory):
 @pytest.mark.slow
 @pytest.mark.timeout(TRAINING_TIMEOUT_S + 600)
 def test_cpu_example_trains_inside_the_trainer_image(
-        trainer_image, kubectl, namespace, image_pod_runner, rmj_crd, start_operator, tmp_path):
+        host_rendezvous_port, trainer_image, kubectl, namespace, image_pod_runner, rmj_crd, start_operator,
+        tmp_path):
     runner = image_pod_runner
     job = yaml.safe_load(EXAMPLE.read_text())
     (volume,) = job["spec"]["resources"]["volumes"]

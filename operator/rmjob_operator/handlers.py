@@ -40,6 +40,11 @@ JOB_LABEL = "rmjob.dev/job-name"
 SPEC_HASH_ANNOTATION = "rmjob.dev/spec-hash"  # everything but the safe runPolicy fields
 RUN_POLICY_ANNOTATION = "rmjob.dev/run-policy"  # the safe runPolicy fields last applied
 PYTORCHJOB_API = ("kubeflow.org/v1", "pytorchjobs")
+# The events the API server sends the operator: field selectors only AND exact matches, so the
+# two reasons (Job's FailedCreate, Kubeflow's FailedCreatePod) and two kinds cannot be named
+# at once; Warnings not about Pods leave out the bulk of a cluster's events (Normal ones, and
+# pods' scheduling, probe and back-off warnings). The handler picks the reasons.
+EVENTS_FIELD_SELECTOR = "type=Warning,involvedObject.kind!=Pod"
 WORKLOAD_RESOURCES = (("batch", "jobs"), ("kubeflow.org", "pytorchjobs"))  # (group, plural)
 
 # Between retries of a child whose name a deleted job's child still holds.
@@ -85,6 +90,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # only the workloads this operator labelled, not every Job in the cluster.
     for group, plural in WORKLOAD_RESOURCES:
         settings.watching.label_selectors[group, plural] = JOB_LABEL
+    settings.watching.field_selectors["", "events"] = EVENTS_FIELD_SELECTOR
     memo.kube = KubeApi()
     # Per-job locks: the workload watcher and the spec handlers both rewrite status.conditions.
     memo.status_locks = collections.defaultdict(asyncio.Lock)

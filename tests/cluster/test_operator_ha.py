@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.parse
 import uuid
 
 import pytest
@@ -15,7 +16,7 @@ import yaml
 from api_proxy import ApiProxy, Fault
 from operator_harness import CHART, REPO, OperatorIdentity, new_namespace
 from rmj import (GROUP_PATH, cpu_spec, get_json, get_or_none, owned_by, rmj, status_of,
-                 wait_for_phase, wait_until)
+                 wait_established, wait_for_phase, wait_until)
 
 pytestmark = pytest.mark.cluster
 
@@ -174,10 +175,29 @@ def test_workloads_are_watched_with_a_server_side_label_selector(kubectl, ns, pr
     assert any("watch=true" in url for url in job_requests)
 
 
+def test_events_are_watched_with_a_server_side_field_selector(kubectl, ns, proxied_operator):
+    """Only the Warning events not about pods reach the operator (the API server filters), and
+    the Job controller's FailedCreate is still among them."""
+    create(kubectl, ns, "rm-events", cpu_spec(resources={"gpusPerNode": 0, "serviceAccountName": "missing"}))
+
+    def surfaced():
+        found = [c for c in status_of(kubectl, ns, "rm-events").get("conditions", [])
+                 if c["type"] == "PodCreationFailed" and c["status"] == "True"]
+        return found or None
+
+    wait_until(surfaced, 90, "a PodCreationFailed condition")
+    event_requests = [url for method, url in proxied_operator.requests
+                      if method == "GET" and re.match(rf"/api/v1(/namespaces/{ns})?/events(\?|$)", url)]
+    assert any("watch=true" in url for url in event_requests), proxied_operator.requests
+    for url in event_requests:
+        selector = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).get("fieldSelector")
+        assert selector and set(selector[0].split(",")) == {"type=Warning", "involvedObject.kind!=Pod"}, url
+
+
 def test_two_replicas_with_peering_exactly_one_acts(cluster, kubectl, ns, rmj_crd, tmp_path, start_operator):
     for path in (CHART / "crds" / "kopf-peerings.yaml",):
         kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=rmjob-tests", "-f", str(path))
-    kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
+    wait_established(kubectl, "kopfpeerings.kopf.dev")
     identity = namespaced_identity(cluster, kubectl, ns, tmp_path, "peering.enabled=true")
     try:
         peering = next(o for o in identity.objects if o["kind"] == "KopfPeering")["metadata"]["name"]

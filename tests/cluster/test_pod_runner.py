@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, pod_runner_module
+# At import time `conftest` is this folder's; inside a test it may be another folder's.
+from conftest import REPO, local_cluster, pod_runner_module
 
 # What each pod prints: downward API fields, $(VAR) expansion, the rendezvous name, a mounted
 # ConfigMap (naming another mount's path), and who the API server says its token belongs to.
@@ -196,8 +197,6 @@ def test_downward_api_fields_and_env_expansion():
 def test_pods_sent_to_runner_nodes_in_general_stay_off_this_runners_node(kubectl, pod_runner):
     """Another runner's namespace (RUNNER_NAMESPACE_ANNOTATIONS alone) may not borrow this node:
     it carries a taint of its own that only its namespace_annotations() tolerate."""
-    from conftest import local_cluster
-
     other = f"t-other-{pod_runner.node[-10:]}"
     kubectl("create", "namespace", other)
     try:

@@ -122,6 +122,13 @@ class RewardConfig:
         metadata=_help("Pack sequences without padding (per-sequence position ids). Same "
                        "rewards as padded batches, less wasted compute."),
     )
+    prefix_sharing: bool = field(
+        default=False,
+        metadata=_help("With --padding_free: compute each pair's shared prefix (the longest common prefix "
+                       "of its chosen and rejected token ids, usually the prompt) once; the rejected "
+                       "suffix attends to the chosen sequence's copy of it. Same rewards and gradients, "
+                       "fewer tokens. No effect on padded batches (--padding_free false)."),
+    )
     use_peft: bool = field(
         default=False,
         metadata=_help("Train LoRA adapters (peft) instead of all weights; the score head is always "

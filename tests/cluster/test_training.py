@@ -65,9 +65,9 @@ def test_cpu_example_trains_across_two_pods_and_reports_its_status(
     assert training["done"] is True and training["step"] == training["totalSteps"] > 0
     assert 0.0 <= training["evalAccuracy"] <= 1.0
     assert status["metrics"]["evalAccuracy"] == training["evalAccuracy"]
-    # status.training came from rank 0's own HTTP client (urllib), on the status subresource,
-    # authenticated by the job's token: the operator (kopf) does not write it.
+    # status.training came from rank 0's kubernetes client (field manager rmjob-trainer), on the
+    # status subresource, authenticated by the job's token: the operator (kopf) does not write it.
     rmj = get_json(kubectl, "rmj", name, "-n", namespace, "--show-managed-fields")
     writers = [entry for entry in rmj["metadata"]["managedFields"]
                if entry.get("subresource") == "status" and "f:training" in entry.get("fieldsV1", {}).get("f:status", {})]
-    assert [entry["manager"].split("/")[0] for entry in writers] == ["Python-urllib"], rmj["metadata"]["managedFields"]
+    assert [entry["manager"].split("/")[0] for entry in writers] == ["rmjob-trainer"], rmj["metadata"]["managedFields"]

@@ -1,28 +1,42 @@
-"""StatusReporter: environment detection, the patch it sends, throttling, and never raising."""
+"""StatusReporter: environment detection, the patch it sends (through the kubernetes client),
+throttling, retries, token rotation, never raising; ReportSender: the training loop never waits."""
 
 from __future__ import annotations
 
+import datetime
 import http.server
 import json
 import logging
 import threading
+import time
+import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from rmjob_trainer.status import StatusReporter
+from kubernetes.client import Configuration
+
+from rmjob_trainer.status import ReportSender, StatusReporter
 
 
 class Recorder(http.server.BaseHTTPRequestHandler):
     requests: list[tuple[str, str, str, dict]] = []
     authorizations: list[str | None] = []
+    queries: list[str] = []
     status_code = 200
+    status_codes: list[int] = []  # answered first, one per request, before status_code
+    release: threading.Event | None = None  # when set: answer only once it is set
 
     def do_PATCH(self) -> None:  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        Recorder.requests.append((self.command, self.path, self.headers["Content-Type"], body))
+        path, _, query = self.path.partition("?")
+        Recorder.requests.append((self.command, path, self.headers["Content-Type"], body))
+        Recorder.queries.append(query)
         Recorder.authorizations.append(self.headers.get("Authorization"))
-        self.send_response(Recorder.status_code)
+        if Recorder.release is not None:
+            Recorder.release.wait(60)
+        self.send_response(Recorder.status_codes.pop(0) if Recorder.status_codes else Recorder.status_code)
         self.end_headers()
         self.wfile.write(b"{}")
 
@@ -33,6 +47,7 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def api_server() -> Iterator[str]:
     Recorder.requests, Recorder.authorizations, Recorder.status_code = [], [], 200
+    Recorder.status_codes, Recorder.release, Recorder.queries = [], None, []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -68,6 +83,7 @@ def test_merge_patches_status_training_on_the_status_subresource(job_env: str) -
     ((method, path, content_type, body),) = Recorder.requests
     assert (method, path) == ("PATCH", "/apis/rmjob.dev/v1alpha1/namespaces/team-a/rewardmodeljobs/rm-1/status")
     assert content_type == "application/merge-patch+json"
+    assert Recorder.queries == ["fieldManager=rmjob-trainer"]  # the writer, in managedFields
     training = body["status"]["training"]
     assert training["step"] == 3 and training["trainLoss"] == 0.5 and training["updateTime"].endswith("Z")
 
@@ -88,7 +104,7 @@ def test_failures_never_raise_and_warn_once(job_env: str, caplog: pytest.LogCapt
         assert not reporter.report({"step": 1})
         assert not reporter.report({"step": 2})
     assert len(caplog.records) == 1 and "403" in caplog.records[0].getMessage()
-    unreachable = StatusReporter("http://127.0.0.1:1", "ns", "name", min_interval=0, timeout=1)
+    unreachable = StatusReporter(Configuration(host="http://127.0.0.1:1"), "ns", "name", min_interval=0, timeout=1)
     assert not unreachable.report({"step": 1})
 
 
@@ -99,10 +115,10 @@ def test_status_module_stays_light() -> None:
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_in_cluster_credentials_from_the_service_account_dir_override(
-        monkeypatch: pytest.MonkeyPatch, tmp_path, api_server: str) -> None:
-    """A pod run outside a container (hack/cluster/pod_runner.py) has its token and CA elsewhere:
-    RMJOB_SERVICE_ACCOUNT_DIR names that directory, and the reporter sends that token over TLS."""
+@pytest.fixture
+def in_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path, api_server: str) -> Iterator[Path]:
+    """A TLS API server and a service-account directory (token, CA) named by the in-cluster env,
+    as a pod run outside a container has them (hack/cluster/pod_runner.py)."""
     import ssl
     import subprocess
 
@@ -118,18 +134,81 @@ def test_in_cluster_credentials_from_the_service_account_dir_override(
     context.load_cert_chain(account_dir / "ca.crt", tmp_path / "server.key")
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("RMJOB_JOB_NAME", "rm-1")
-        monkeypatch.setenv("RMJOB_NAMESPACE", "team-a")
-        monkeypatch.delenv("RMJOB_KUBE_API", raising=False)
-        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.server_address[1]))
-        monkeypatch.setenv("RMJOB_SERVICE_ACCOUNT_DIR", str(account_dir))
-        reporter = StatusReporter.from_env()
-        assert reporter is not None
-        assert reporter.report({"step": 1})
-    finally:
-        server.shutdown()
+    monkeypatch.setenv("RMJOB_JOB_NAME", "rm-1")
+    monkeypatch.setenv("RMJOB_NAMESPACE", "team-a")
+    monkeypatch.delenv("RMJOB_KUBE_API", raising=False)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.server_address[1]))
+    monkeypatch.setenv("RMJOB_SERVICE_ACCOUNT_DIR", str(account_dir))
+    yield account_dir
+    server.shutdown()
+
+
+def test_in_cluster_credentials_from_the_service_account_dir_override(in_cluster: Path) -> None:
+    """RMJOB_SERVICE_ACCOUNT_DIR names the token and CA directory, and the reporter sends that
+    token (without the file's line end) over TLS checked against that CA."""
+    reporter = StatusReporter.from_env()
+    assert reporter is not None
+    assert reporter.report({"step": 1})
     ((_, path, _, body),) = Recorder.requests
     assert path.endswith("/namespaces/team-a/rewardmodeljobs/rm-1/status")
-    assert Recorder.authorizations == ["Bearer pod-bound-token"]
+    assert Recorder.authorizations == ["bearer pod-bound-token"]
+
+
+def test_a_rotated_token_is_read_again(in_cluster: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubelet replaces a projected token file well before the token expires; a reporter
+    that kept the first token would be refused for the rest of a long run."""
+    from kubernetes.config import incluster_config
+
+    reporter = StatusReporter.from_env(min_interval=0)
+    assert reporter.report({"step": 1})
+    (in_cluster / "token").write_text("rotated-token")
+
+    class Later(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime.now(tz) + datetime.timedelta(minutes=2)
+
+    # The client reads the file again once the token it holds is a minute old: two minutes on,
+    # by the clock of the client's in-cluster config.
+    monkeypatch.setattr(incluster_config, "datetime", types.SimpleNamespace(datetime=Later,
+                                                                            timedelta=datetime.timedelta))
+    assert reporter.report({"step": 2})
+    assert Recorder.authorizations == ["bearer pod-bound-token", "bearer rotated-token"]
+
+
+def test_overloaded_or_failing_api_server_is_retried_with_backoff(job_env: str) -> None:
+    Recorder.status_codes = [429, 503]
+    reporter = StatusReporter.from_env(min_interval=0)
+    assert reporter.report({"step": 1})
+    assert [b["status"]["training"]["step"] for *_, b in Recorder.requests] == [1, 1, 1]
+    Recorder.status_codes = [503] * 10  # more failures than retries: given up, not raised
+    assert not reporter.report({"step": 2})
+    assert len(Recorder.requests) == 3 + 4
+
+
+def test_an_unanswered_request_is_bounded(job_env: str) -> None:
+    Recorder.release = threading.Event()  # never set: the server reads the patch and never answers
+    reporter = StatusReporter(Configuration(host=job_env), "team-a", "rm-1", min_interval=0, timeout=0.2)
+    assert not reporter.report({"step": 1})
+    assert len(Recorder.requests) == 4  # the first attempt and its retries, each cut off
+
+
+def test_the_sender_returns_before_the_api_server_answers(job_env: str) -> None:
+    """What the training loop calls: it never waits for the API server; the newest report waits
+    in place of older ones, and close() gives it a bounded time."""
+    Recorder.release = threading.Event()
+    sender = ReportSender(StatusReporter.from_env(min_interval=0))
+    sender.report({"step": 1})  # returns while the server holds this request
+    deadline = time.monotonic() + 30
+    while not Recorder.requests:
+        assert time.monotonic() < deadline, "the first report never reached the server"
+        time.sleep(0.01)
+    sender.report({"step": 2})
+    sender.report({"step": 3, "done": True}, force=True)
+    sender.report({"step": 3, "done": True, "hub": {"repo": "me/rm"}})
+    assert not sender.close(timeout=0.1)  # still held: close() gives up, nothing raised
+    Recorder.release.set()
+    assert sender.close(timeout=30)
+    sent = [b["status"]["training"] for *_, b in Recorder.requests]
+    assert [t["step"] for t in sent] == [1, 3] and sent[-1]["hub"] == {"repo": "me/rm"}

@@ -45,6 +45,9 @@ TRAIN_NAMES = ("accuracy", "loss", "chosen_reward", "rejected_reward", "reward_m
 EVAL_NAMES = ("accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin")
 NUM_SAMPLE_ROWS = 10
 BENCHMARK_PREFIX = "benchmark/"
+# The final status report (done, Hub revision) may wait this long for the API server at the end:
+# one report's retries (rmjob_trainer.status) fit in it.
+FINAL_REPORT_TIMEOUT_S = 30
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -344,11 +347,12 @@ class RunLog:
 
     def __init__(self, cfg: RewardConfig, run_name: str, output_dir: Path, total_steps: int,
                  resumed_step: int | None):
-        from rmjob_trainer.status import StatusReporter
+        from rmjob_trainer.status import ReportSender, StatusReporter
         from rmjob_trainer.tracking import start_run
 
         self.tracker = start_run(cfg, run_name)
-        self.reporter = StatusReporter.from_env()
+        reporter = StatusReporter.from_env()
+        self.reporter = ReportSender(reporter) if reporter else None
         self.file = output_dir / "log.jsonl"
         self._start_log(resumed_step)
         self.total_steps = total_steps
@@ -410,6 +414,11 @@ class RunLog:
             training["wandbUrl"] = self.tracker.url
         self.reporter.report(training, force=bool(extra.get("done")))
 
+    def close_report(self, timeout: float) -> None:
+        """Give the last report up to ``timeout`` seconds to reach the API server."""
+        if self.reporter is not None and not self.reporter.close(timeout):
+            print(f"the job's status was not updated within {timeout:.0f} s; not waiting any longer")
+
 
 def write_outputs(engine, tokenizer, cfg: RewardConfig, output_dir: Path, final: dict, run_log: RunLog | None,
                   d: Dist) -> dict:
@@ -433,6 +442,7 @@ def publish(cfg: RewardConfig, output_dir: Path, final: dict, run_log: RunLog) -
         run_log.tracker.link_hub(final["hub"]["url"])
     run_log.report(final["step"], final, done=True, **({"hub": final["hub"]} if "hub" in final else {}))
     run_log.tracker.finish()
+    run_log.close_report(FINAL_REPORT_TIMEOUT_S)
     return final
 
 

@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Watch every namespace (the default when no --namespace is given).")
     parser.add_argument("--liveness", metavar="URL",
                         help="Serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz.")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT",
+                        help="Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 0.0.0.0:9090 "
+                             "(default: not served).")
     parser.add_argument("--peering", metavar="NAME",
                         help="Coordinate with other replicas via this kopf peering object (default: standalone).")
     parser.add_argument("--log-format", choices=["json", "plain", "full"], default="json",
@@ -156,9 +159,23 @@ def check_cluster_access(timeout: float) -> None:
     asyncio.run(wait_for_api_server(kubeconfig_connection(settings), timeout))
 
 
+def serve_metrics(address: str) -> None:
+    from rmjob_operator import metrics
+
+    try:
+        metrics.serve(address)
+    except metrics.MetricsAddressError as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {address}: {exc.strerror or exc}; choose another "
+                           "--metrics-address") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        if args.metrics_address:
+            serve_metrics(args.metrics_address)
         check_cluster_access(args.startup_timeout)
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -183,9 +183,56 @@ METRIC_KEYS = ("step", "totalSteps", "episode", "epoch", "trainLoss", "trainAccu
                "evalLoss", "evalAccuracy", "evalRewardMargin", "benchmarkAccuracy")
 
 
-def training_status(training: dict) -> dict:
-    """The trainer's ``status.training`` report -> the ``metrics``/``hub``/``wandb`` status fields."""
+def _parse_time(value: object) -> datetime.datetime | None:
+    try:
+        return datetime.datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+
+
+def progress(training: dict, previous: dict | None) -> dict | None:
+    """``status.progress`` from the trainer's report and the one before it (None: no steps yet).
+
+    The time left is the remaining steps at the rate between the two reports; absent (None,
+    which a merge patch deletes) on a first report and when the step went back (a run resumed
+    from an earlier checkpoint), so no estimate of an earlier attempt lingers.
+    """
+    step, total = training.get("step"), training.get("totalSteps")
+    if not isinstance(step, int) or not isinstance(total, int) or total <= 0:
+        return None
+    if training.get("done"):
+        return {"percentage": 100, "estimatedRemainingSeconds": 0}
+    remaining = None
+    previous = previous or {}
+    before, then, now = previous.get("step"), _parse_time(previous.get("updateTime")), \
+        _parse_time(training.get("updateTime"))
+    if isinstance(before, int) and before < step and then and now and now > then:
+        remaining = round((total - step) * (now - then).total_seconds() / (step - before))
+    return {"percentage": min(step * 100 // total, 100), "estimatedRemainingSeconds": remaining}
+
+
+EVAL_KEYS = ("evalLoss", "evalAccuracy", "evalRewardMargin")
+
+
+def evaluation_message(training: dict, previous: dict | None) -> str | None:
+    """The Event text for an evaluation the report carries that the previous one did not; None
+    when there is none. The trainer repeats the latest evaluation in every later report, so a
+    new one shows as new values."""
+    if not isinstance(training.get("evalAccuracy"), (int, float)):
+        return None
+    if previous and all(previous.get(key) == training.get(key) for key in EVAL_KEYS):
+        return None
+    where = f" (reported at step {training['step']}/{training.get('totalSteps', '?')})" if "step" in training else ""
+    loss = f", loss {training['evalLoss']:.4f}" if isinstance(training.get("evalLoss"), (int, float)) else ""
+    return f"evaluation accuracy {training['evalAccuracy']:.4f}{loss}{where}"
+
+
+def training_status(training: dict, previous: dict | None = None) -> dict:
+    """The trainer's ``status.training`` report (and the one before it) -> the ``metrics``,
+    ``progress``, ``hub`` and ``wandb`` status fields."""
     patch: dict = {"metrics": {k: training[k] for k in METRIC_KEYS if k in training}}
+    if (now := progress(training, previous)) is not None:
+        patch["progress"] = now
     if training.get("hub"):
         patch["hub"] = dict(training["hub"])
     if training.get("wandbUrl"):

@@ -30,10 +30,10 @@ from typing import Any
 import aiohttp
 import kopf
 
-from rmjob_operator import API_VERSION, GROUP, KIND, PLURAL, VERSION, render
+from rmjob_operator import API_VERSION, GROUP, KIND, PLURAL, VERSION, metrics, render
 from rmjob_operator import conditions as cond
 from rmjob_operator.kube import PLURALS, ApiError, KubeApi, object_path, path_of
-from rmjob_operator.spec import InvalidSpec, RewardModelJobSpec, check_name, parse_spec
+from rmjob_operator.spec import InvalidSpec, RewardModelJobSpec, check_existing_claim, check_name, parse_spec
 
 JOB_LABEL = "rmjob.dev/job-name"
 # On the workload: what it was rendered from, to judge later spec edits against.
@@ -272,6 +272,10 @@ async def create_child(kube: KubeApi, child: dict, owner: dict, logger: logging.
             raise ChildNameReleasing(f"{kind} {name} was being deleted") from None
         if is_ours(existing, owner):
             return
+        if render.is_retained(child) and render.is_retained(existing) and \
+                (existing["metadata"].get("labels") or {}).get(JOB_LABEL) == child["metadata"]["labels"][JOB_LABEL]:
+            logger.info("reusing %s %s, retained from an earlier job of this name", kind, name)
+            return
         if await _holder_stays(kube, existing):
             raise ChildNameTaken(f"{kind} {name} already exists and does not belong to this job; "
                                  "delete it or give the job another name") from None
@@ -351,6 +355,7 @@ async def reject(memo: kopf.Memo, body: kopf.Body, err: InvalidSpec, logger: log
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
+@metrics.instrumented("reconcile")
 async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Create the children (idempotent) and bring status in line with the workload."""
     meta = body["metadata"]
@@ -368,8 +373,15 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **
     if not workload_ref:
         owner = dict(body)
         backend = await choose_backend(memo.kube, spec.run_policy.backend)
+        if spec.storage is not None and spec.storage.existing_claim:
+            claim_path = object_path("v1", "PersistentVolumeClaim", namespace, spec.storage.existing_claim)
+            try:
+                check_existing_claim(spec, await memo.kube.get(claim_path))
+            except InvalidSpec as err:
+                await reject(memo, body, err, logger)
+                return
         children = render.render_children(owner, backend, os.environ.get("RMJOB_TRAINER_IMAGE"))
-        kopf.adopt(children, owner=owner, strict=True)
+        kopf.adopt([child for child in children if not render.is_retained(child)], owner=owner, strict=True)
         workload_ref = render.workload_ref(owner, backend)
         try:
             for child in children:
@@ -401,6 +413,7 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **
 
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={JOB_LABEL: kopf.PRESENT})
 @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
+@metrics.instrumented("workload_changed")
 async def workload_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if event["type"] == "DELETED":
         return  # deleted with its job (GC), or by hand: the job keeps its last known phase
@@ -413,6 +426,7 @@ async def workload_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Mem
 
 
 @kopf.on.event("", "v1", "events")
+@metrics.instrumented("workload_warned")
 async def workload_warned(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A workload's controller cannot create its pods: say so in the job's status, which would
     otherwise stay Pending without a word."""
@@ -487,6 +501,7 @@ def accepted_patch(owner: dict) -> dict:
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+@metrics.instrumented("spec_changed")
 async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, logger: logging.Logger,
                        **kwargs: Any) -> None:
     meta = body["metadata"]
@@ -530,6 +545,26 @@ async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, log
 
 
 @kopf.on.field(GROUP, VERSION, PLURAL, field="status.training")
-def training_reported(new: Any, patch: kopf.Patch, **_: Any) -> None:
+@metrics.instrumented("training_reported")
+def training_reported(body: kopf.Body, old: Any, new: Any, patch: kopf.Patch, **_: Any) -> None:
+    """``old`` is the report handled last (kopf keeps it in status.kopf), so an evaluation gets
+    one Event however often the job is seen again, operator restarts included."""
     if new:
-        patch.status.update(cond.training_status(dict(new)))
+        previous = dict(old) if old else None
+        patch.status.update(cond.training_status(dict(new), previous))
+        message = cond.evaluation_message(dict(new), previous)
+        if message:
+            kopf.event(body, type="Normal", reason="Evaluated", message=message)
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def job_seen(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """Keeps the jobs-by-phase gauge: each job's phase as last watched, gone with the job."""
+    uid = body["metadata"]["uid"]
+    if event["type"] == "DELETED":
+        metrics.JOB_PHASES.forget(uid)
+    else:
+        metrics.JOB_PHASES.observe(uid, (body.get("status") or {}).get("phase"))

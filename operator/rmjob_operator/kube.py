@@ -13,6 +13,7 @@ import aiohttp
 # The kinds the operator touches, to their REST plural and API path prefix.
 PLURALS = {
     "ConfigMap": "configmaps",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
     "Service": "services",
     "ServiceAccount": "serviceaccounts",
     "Role": "roles",

@@ -3,6 +3,8 @@
 No I/O and no kopf here: the handlers read the job, call :func:`render_children`, adopt the
 result (ownerReferences) and apply it. Children of job ``NAME``, in creation order:
 
+- with ``spec.storage.size``: PersistentVolumeClaim ``NAME-output``, mounted at /output (owned
+  by the job unless ``retainOnDelete``: :func:`is_retained` tells the handler not to adopt it);
 - ConfigMap ``NAME-config``: ``trainer.yaml`` (RewardConfig keys) and ``deepspeed.json``,
   mounted at /etc/rmjob;
 - ServiceAccount, Role and RoleBinding ``NAME-trainer``: rank 0 may ``patch`` this job's
@@ -54,6 +56,12 @@ CACHE_ENV = {
     "WANDB_CONFIG_DIR": f"{CACHE_MOUNT_PATH}/wandb",
 }
 TRAIN_COMMAND = ["-m", "rmjob_trainer", "--config", f"{CONFIG_MOUNT_PATH}/{TRAINER_CONFIG_FILE}"]
+# On a child the job must not own: the garbage collector would delete it with the job.
+RETAIN_ANNOTATION = "rmjob.dev/retain-on-delete"
+# torchrun gives its workers this long after SIGTERM before it SIGKILLs them (its own default
+# is 30 s, shorter than a checkpoint write); the rest of the pod's grace period is its margin.
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+SHUTDOWN_MARGIN_SECONDS = 10
 
 
 def config_map_name(name: str) -> str:
@@ -62,6 +70,15 @@ def config_map_name(name: str) -> str:
 
 def trainer_account_name(name: str) -> str:
     return f"{name}-trainer"
+
+
+def output_claim_name(name: str) -> str:
+    return f"{name}-output"
+
+
+def is_retained(child: dict[str, Any]) -> bool:
+    """Whether ``child`` outlives its job (a claim with ``retainOnDelete``): never adopt it."""
+    return (child["metadata"].get("annotations") or {}).get(RETAIN_ANNOTATION) == "true"
 
 
 def labels(name: str) -> dict[str, str]:
@@ -134,6 +151,20 @@ def _config_map(body: dict[str, Any], spec: RewardModelJobSpec) -> dict[str, Any
     }
 
 
+def _output_claim(body: dict[str, Any], spec: RewardModelJobSpec) -> dict[str, Any]:
+    storage = spec.storage
+    metadata = _metadata(body, output_claim_name(body["metadata"]["name"]))
+    if storage.retain_on_delete:
+        metadata["annotations"] = {RETAIN_ANNOTATION: "true"}
+    claim_spec: dict[str, Any] = {
+        "accessModes": spec.claim_access_modes,
+        "resources": {"requests": {"storage": storage.size}},
+    }
+    if storage.storage_class_name:
+        claim_spec["storageClassName"] = storage.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata, "spec": claim_spec}
+
+
 # --- RBAC for the trainer's status reports --------------------------------------------------
 
 
@@ -183,6 +214,9 @@ def _env(body: dict[str, Any], spec: RewardModelJobSpec, distributed_env: list[d
     user_names = {env["name"] for env in user_env}
     env = [{"name": key, "value": value} for key, value in CACHE_ENV.items() if key not in user_names]
     env += user_env
+    if SHUTDOWN_TIMEOUT_ENV not in user_names:
+        grace = spec.run_policy.termination_grace_period_seconds
+        env.append({"name": SHUTDOWN_TIMEOUT_ENV, "value": str(max(grace - SHUTDOWN_MARGIN_SECONDS, 1))})
     env += [
         {"name": "RMJOB_JOB_NAME", "value": body["metadata"]["name"]},
         {"name": "RMJOB_NAMESPACE", "value": body["metadata"]["namespace"]},
@@ -197,8 +231,8 @@ def _env(body: dict[str, Any], spec: RewardModelJobSpec, distributed_env: list[d
 def _volumes(body: dict[str, Any], spec: RewardModelJobSpec) -> tuple[list[dict], list[dict]]:
     """The operator's volumes (config, /dev/shm, caches, outputs) plus the user's.
 
-    The cache and output emptyDirs are left out when the user mounts something at their path
-    (typically a PersistentVolumeClaim at /output, so checkpoints survive pod restarts).
+    Outputs are ``spec.storage``'s claim, else an emptyDir. The cache and output emptyDirs are
+    left out when the user mounts something at their path.
     """
     name = body["metadata"]["name"]
     user_volumes = [v.model_dump(by_alias=True, exclude_none=True) for v in spec.resources.volumes]
@@ -214,9 +248,17 @@ def _volumes(body: dict[str, Any], spec: RewardModelJobSpec) -> tuple[list[dict]
         {"name": config, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
         {"name": shm, "mountPath": SHM_MOUNT_PATH},
     ]
-    for volume, path in ((f"{OPERATOR_VOLUME_PREFIX}cache", CACHE_MOUNT_PATH),
-                         (f"{OPERATOR_VOLUME_PREFIX}output", OUTPUT_MOUNT_PATH)):
-        if path not in user_paths:
+    output = f"{OPERATOR_VOLUME_PREFIX}output"
+    storage = spec.storage
+    if storage is not None:
+        claim = storage.existing_claim or output_claim_name(name)
+        volumes.append({"name": output, "persistentVolumeClaim": {"claimName": claim}})
+        mount = {"name": output, "mountPath": OUTPUT_MOUNT_PATH}
+        if storage.sub_path:
+            mount["subPath"] = storage.sub_path
+        mounts.append(mount)
+    for volume, path in ((f"{OPERATOR_VOLUME_PREFIX}cache", CACHE_MOUNT_PATH), (output, OUTPUT_MOUNT_PATH)):
+        if path not in user_paths and not any(m["mountPath"] == path for m in mounts):
             volumes.append({"name": volume, "emptyDir": {}})
             mounts.append({"name": volume, "mountPath": path})
     return volumes + user_volumes, mounts + user_mounts
@@ -282,6 +324,8 @@ def _pod_template(
         "securityContext": TRAINER_POD_SECURITY_CONTEXT,
         "containers": [container],
         "volumes": volumes,
+        # SIGTERM to SIGKILL: the trainer finishes its step and writes a checkpoint meanwhile.
+        "terminationGracePeriodSeconds": spec.run_policy.termination_grace_period_seconds,
         **extra_pod_spec,
     }
     optional = {
@@ -319,9 +363,10 @@ def _pytorchjob(body: dict[str, Any], spec: RewardModelJobSpec, image: str) -> d
     # Kubeflow reads the master's port from the container port of this name.
     template = _pod_template(body, spec, image=image, command=command, port_name="pytorchjob-port",
                              distributed_env=[], extra_pod_spec={})
-    # ExitCode: errors of the trainer (exit 1-127) fail the job at once, signals and
-    # infrastructure failures (128+: OOM kill, preemption) restart pods up to backoffLimit.
-    replica = {"restartPolicy": "ExitCode", "template": template}
+    # OnFailure: any failed pod is restarted, up to backoffLimit. Exit codes cannot tell a
+    # preempted trainer from a broken one: torchrun exits 1 for both (on SIGTERM, and whenever
+    # a worker fails, whatever the worker's code), which ExitCode would take as permanent.
+    replica = {"restartPolicy": "OnFailure", "template": template}
     replicas = {"Master": {"replicas": 1, **replica}}
     if spec.resources.nodes > 1:
         replicas["Worker"] = {"replicas": spec.resources.nodes - 1, **copy.deepcopy(replica)}
@@ -395,16 +440,14 @@ def _indexed_job(body: dict[str, Any], spec: RewardModelJobSpec, image: str) -> 
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": policy.backoff_limit,
-        # Gang semantics. torchrun's static rendezvous cannot take a replaced node back into a
-        # running group, so retrying one index (what a Job does by default) only leaves the
-        # others blocked until NCCL's timeout. Instead: a trainer error (non-zero exit) fails
-        # the whole Job at once, which stops every pod; a pod disrupted by the cluster
-        # (preemption, eviction, node drain) is replaced without using up backoffLimit.
+        # A pod disrupted by the cluster (preemption, eviction, node drain) is replaced without
+        # using up backoffLimit; any other failure counts against it. Exit codes cannot tell a
+        # preempted trainer (SIGTERM from a plain pod deletion) from a broken one: torchrun exits
+        # 1 for both. With backoffLimit 0 (the default) the first failure fails the Job, which
+        # stops every pod; with more, a replaced pod resumes from the newest checkpoint.
         "podFailurePolicy": {
             "rules": [
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {"action": "FailJob", "onExitCodes": {
-                    "containerName": CONTAINER_NAME, "operator": "NotIn", "values": [0]}},
             ]
         },
         "suspend": policy.suspend,
@@ -444,7 +487,8 @@ def render_children(
     check_name(body["metadata"]["name"])
     spec = parse_spec(body["spec"])
     image = _image(spec, default_image)
-    children = [_config_map(body, spec), *_rbac(body)]
+    claim = [_output_claim(body, spec)] if spec.storage is not None and spec.storage.size is not None else []
+    children = [*claim, _config_map(body, spec), *_rbac(body)]
     if backend == "pytorchjob":
         children.append(_pytorchjob(body, spec, image))
     else:

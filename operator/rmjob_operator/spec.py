@@ -539,6 +539,71 @@ class TrackingSpec(_Model):
     wandb: Optional[WandbSpec] = Field(default=None, description=_owned_help("with_tracking"))
 
 
+# With persistent storage a restarted pod can continue, so checkpoints are on unless the trainer
+# section sets its own interval. In steps, the trainer's only interval: about every 5-10 minutes
+# for a multi-billion-parameter model on one node, seconds for a small one.
+STORAGE_CHECKPOINTING_STEPS = 100
+ACCESS_MODES = ("ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany")
+RWX = "ReadWriteMany"
+
+
+class StorageSpec(_Model):
+    """``spec.storage``: a PersistentVolumeClaim mounted at the output directory of every pod."""
+
+    existing_claim: Optional[str] = Field(
+        default=None, min_length=1, max_length=253,
+        description="Name of a PersistentVolumeClaim in the job's namespace to mount (the operator "
+        "neither creates nor deletes it). With nodes > 1 it must be ReadWriteMany.",
+    )
+    sub_path: Optional[str] = Field(
+        default=None, min_length=1, max_length=MAX_MOUNT_PATH_LENGTH, pattern=r"^[^/]",
+        description="Directory inside existingClaim to use (default: the claim's root); lets jobs share "
+        "one claim without replacing each other's checkpoints.",
+    )
+    size: Optional[Quantity] = Field(
+        default=None,
+        description="Size of the claim the operator creates for this job, NAME-output (e.g. 50Gi). "
+        "Set this or existingClaim.",
+    )
+    storage_class_name: Optional[str] = Field(
+        default=None, min_length=1, description="StorageClass of the created claim (default: the cluster's default)."
+    )
+    access_modes: Optional[list[Literal[ACCESS_MODES]]] = Field(  # type: ignore[valid-type]
+        default=None, min_length=1, max_length=len(ACCESS_MODES),
+        description="Access modes of the created claim (default: ReadWriteOnce for one node, "
+        "ReadWriteMany for several: every node writes its checkpoint shards and reads them all back).",
+    )
+    retain_on_delete: bool = Field(
+        default=False,
+        description="Keep the created claim when the job is deleted (it is owned by the job otherwise). "
+        "A job created again under the same name mounts it and continues.",
+    )
+
+    rules = (
+        Rule(
+            "",
+            "set exactly one of existingClaim (a claim of yours) and size (a claim the operator creates)",
+            "has(self.existingClaim) != has(self.size)",
+            lambda s: (s.existing_claim is None) != (s.size is None),
+        ),
+        Rule(
+            "existingClaim",
+            "storageClassName, accessModes and retainOnDelete describe a created claim; with "
+            "existingClaim the claim is yours",
+            "!has(self.existingClaim) || (!has(self.storageClassName) && !has(self.accessModes) && "
+            "(!has(self.retainOnDelete) || !self.retainOnDelete))",
+            lambda s: s.existing_claim is None
+            or (s.storage_class_name is None and s.access_modes is None and not s.retain_on_delete),
+        ),
+        Rule(
+            "subPath",
+            "subPath needs existingClaim (a created claim belongs to this job alone)",
+            "!has(self.subPath) || has(self.existingClaim)",
+            lambda s: s.sub_path is None or s.existing_claim is not None,
+        ),
+    )
+
+
 class RunPolicySpec(_Model):
     """``spec.runPolicy``: how the workload is run, retried and cleaned up."""
 
@@ -557,6 +622,11 @@ class RunPolicySpec(_Model):
     suspend: bool = Field(default=False, description="Create the workload suspended, or suspend a running one.")
     queue_name: Optional[str] = Field(
         default=None, min_length=1, description="Kueue LocalQueue to admit the workload through."
+    )
+    termination_grace_period_seconds: int = Field(
+        default=300, ge=0,
+        description="Seconds a trainer pod has between SIGTERM (preemption, eviction, node drain) and "
+        "SIGKILL: long enough to finish the step and write a checkpoint.",
     )
 
 
@@ -590,6 +660,12 @@ class RewardModelJobSpec(_Model):
         json_schema_extra=_SECTION_DEFAULT,
         description="Run, retry and cleanup policy.",
     )
+    storage: Optional[StorageSpec] = Field(
+        default=None,
+        description=f"Persistent outputs: a PersistentVolumeClaim at {OUTPUT_MOUNT_PATH} instead of an emptyDir, "
+        f"so the model and checkpoints outlive the pods; checkpoints then default to every "
+        f"{STORAGE_CHECKPOINTING_STEPS} steps and a restarted pod resumes from the newest one.",
+    )
 
     rules = (
         Rule(
@@ -610,7 +686,41 @@ class RewardModelJobSpec(_Model):
             lambda s: s.deepspeed.stage == 0
             or s.trainer.mixed_precision in (("auto", "bf16") if s.deepspeed.bf16 else ("no", "fp16")),
         ),
+        # Every node writes its checkpoint shards to the claim and, on a restart, may land on
+        # another machine and read them all back: only a claim all nodes mount at once works.
+        Rule(
+            "storage.accessModes",
+            f"with nodes > 1 the claim must be {RWX} (every node writes and reads checkpoints)",
+            "!has(self.storage) || !has(self.storage.accessModes) || !has(self.resources) || "
+            f"!has(self.resources.nodes) || self.resources.nodes == 1 || '{RWX}' in self.storage.accessModes",
+            lambda s: s.storage is None or s.storage.access_modes is None or s.resources.nodes == 1
+            or RWX in s.storage.access_modes,
+        ),
+        Rule(
+            "trainer.outputDir",
+            f"with storage, outputDir must be {OUTPUT_MOUNT_PATH} or below it (where the claim is mounted)",
+            f"!has(self.storage) || !has(self.trainer) || !has(self.trainer.outputDir) || "
+            f"self.trainer.outputDir == '{OUTPUT_MOUNT_PATH}' || self.trainer.outputDir.startsWith('{OUTPUT_MOUNT_PATH}/')",
+            lambda s: s.storage is None or s.trainer.output_dir == OUTPUT_MOUNT_PATH
+            or s.trainer.output_dir.startswith(OUTPUT_MOUNT_PATH + "/"),
+        ),
+        Rule(
+            "resources.volumeMounts",
+            f"with storage, {OUTPUT_MOUNT_PATH} is the claim's; mount nothing else there",
+            "!has(self.storage) || !has(self.resources) || !has(self.resources.volumeMounts) || "
+            f"!self.resources.volumeMounts.exists(m, m.mountPath == '{OUTPUT_MOUNT_PATH}' || "
+            f"m.mountPath == '{OUTPUT_MOUNT_PATH}/')",
+            lambda s: s.storage is None
+            or not any(m.mount_path.rstrip("/") == OUTPUT_MOUNT_PATH for m in s.resources.volume_mounts),
+        ),
     )
+
+    @property
+    def claim_access_modes(self) -> list[str]:
+        """The access modes of the claim the operator creates."""
+        if self.storage and self.storage.access_modes:
+            return list(self.storage.access_modes)
+        return ["ReadWriteOnce" if self.resources.nodes == 1 else RWX]
 
     @property
     def world_size(self) -> int:
@@ -631,6 +741,8 @@ class RewardModelJobSpec(_Model):
                 config["wandb_entity"] = wandb.entity
         if self.deepspeed.stage:
             config["deepspeed"] = f"{CONFIG_MOUNT_PATH}/{DEEPSPEED_CONFIG_FILE}"
+        if self.storage is not None:
+            config.setdefault("checkpointing_steps", STORAGE_CHECKPOINTING_STEPS)
         return config
 
 
@@ -680,6 +792,17 @@ class Metrics(_Status):
     benchmark_accuracy: Optional[float] = Field(default=None, description="Overall accuracy on trainer.evalBenchmark (latest scoring).")
 
 
+class Progress(_Status):
+    """Named after Kubeflow Trainer's trainerStatus (progressPercentage, estimatedRemainingSeconds)."""
+
+    percentage: Optional[int] = Field(default=None, description="Optimizer steps done, in percent of all steps.")
+    estimated_remaining_seconds: Optional[int] = Field(
+        default=None,
+        description="Time left at the rate of steps between the trainer's last two reports (absent "
+        "until two reports of one run exist).",
+    )
+
+
 class HubStatus(_Status):
     repo: Optional[str] = None
     revision: Optional[str] = None
@@ -706,6 +829,7 @@ class RewardModelJobStatus(_Status):
         default=None, description="The PyTorchJob or Job running the training."
     )
     metrics: Optional[Metrics] = Field(default=None, description="Latest training metrics (from status.training).")
+    progress: Optional[Progress] = Field(default=None, description="How far the training is, and how long it has left.")
     hub: Optional[HubStatus] = Field(default=None, description="Where the model was pushed.")
     wandb: Optional[WandbStatus] = None
     topology: Optional[Topology] = Field(default=None, description="Nodes and processes of the workload.")
@@ -747,6 +871,22 @@ def parse_spec(spec: dict[str, Any]) -> RewardModelJobSpec:
     except ValidationError as exc:
         errors = [(_path(loc), message) for loc, message in map(_message, exc.errors())]
         raise InvalidSpec(*errors[0], errors=errors) from None
+
+
+def check_existing_claim(spec: RewardModelJobSpec, claim: dict[str, Any] | None) -> None:
+    """``spec.storage.existingClaim`` as found in the cluster (``claim``, None when absent):
+    raises :class:`InvalidSpec` when the nodes cannot share it. The CRD cannot check this, it
+    does not see the claim. An absent claim is left to the scheduler, which holds the pods
+    until it exists."""
+    if claim is None or spec.resources.nodes == 1:
+        return
+    modes = claim.get("spec", {}).get("accessModes") or []
+    if RWX not in modes:
+        raise InvalidSpec(
+            "spec.storage.existingClaim",
+            f"PersistentVolumeClaim {claim['metadata']['name']} is {', '.join(modes) or 'without access modes'}; "
+            f"with nodes > 1 it must be {RWX} (every node writes and reads checkpoints)",
+        )
 
 
 def check_name(name: str) -> None:

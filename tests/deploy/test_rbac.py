@@ -72,9 +72,11 @@ def workload_status_path(plural: str, group_version: str, name: str) -> str:
 async def exercise(cluster: RecordingCluster) -> None:
     """Every handler: create (both backends), workload progress, a trainer report, a safe and a
     refused spec edit, an invalid spec."""
-    for name, backend, resource, group_version in (("rm-job", "job", JOBS, "batch/v1"),
-                                                   ("rm-ptj", "pytorchjob", PYTORCHJOBS, "kubeflow.org/v1")):
-        await client(cluster, "post", rmj_path(), new_job(name, runPolicy={"backend": backend}))
+    # Storage: a claim the operator creates, and an existing one whose access modes it reads.
+    for name, backend, resource, group_version, storage in (
+            ("rm-job", "job", JOBS, "batch/v1", {"size": "1Gi"}),
+            ("rm-ptj", "pytorchjob", PYTORCHJOBS, "kubeflow.org/v1", {"existingClaim": "team-outputs"})):
+        await client(cluster, "post", rmj_path(), new_job(name, runPolicy={"backend": backend}, storage=storage))
         await wait_for(lambda: cluster.get(resource, name), message=f"{backend} workload")
         plural = resource.split("/")[-1]
         running = ({"active": 2, "ready": 2} if backend == "job"

@@ -162,14 +162,83 @@ def test_job_backend_node_rank_and_rendezvous_env():
     assert env["PET_MASTER_PORT"]["value"] == "29500"
 
 
-def test_job_backend_fails_the_gang_together():
+def test_job_backend_retries_failed_pods_within_backoff_limit():
+    """torchrun exits 1 when SIGTERMed (a preempted pod deleted by hand) as for a trainer error:
+    no exit-code rule may fail the Job at once, or a preempted pod is never retried. Disruptions
+    the cluster marks are replaced without counting."""
     spec = with_changes(MINIMAL, runPolicy={"backoffLimit": 2, "activeDeadlineSeconds": 600,
                                             "ttlSecondsAfterFinished": 60, "suspend": True})
     workload = by_kind(render.render_children(job(spec), "job"))["Job"]["spec"]
     assert (workload["backoffLimit"], workload["activeDeadlineSeconds"]) == (2, 600)
     assert (workload["ttlSecondsAfterFinished"], workload["suspend"]) == (60, True)
-    fail_job = [r for r in workload["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
-    assert fail_job[0]["onExitCodes"] == {"containerName": "pytorch", "operator": "NotIn", "values": [0]}
+    assert workload["podFailurePolicy"]["rules"] == [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+
+
+def test_pytorchjob_restarts_failed_pods_within_backoff_limit():
+    workload = by_kind(render.render_children(job(SPECS["three nodes"]), "pytorchjob"))["PyTorchJob"]["spec"]
+    assert {r["restartPolicy"] for r in workload["pytorchReplicaSpecs"].values()} == {"OnFailure"}
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+def test_termination_grace_period_and_torchrun_shutdown_timeout(backend):
+    default = render.render_children(job(), backend)[-1]
+    assert pod_spec(default)["terminationGracePeriodSeconds"] == 300
+    assert env_of(default)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == "290"
+    spec = with_changes(MINIMAL, runPolicy={"terminationGracePeriodSeconds": 900})
+    workload = render.render_children(job(spec), backend)[-1]
+    assert pod_spec(workload)["terminationGracePeriodSeconds"] == 900
+    assert env_of(workload)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == "890"
+    short = render.render_children(job(with_changes(MINIMAL, runPolicy={"terminationGracePeriodSeconds": 0})),
+                                   backend)[-1]
+    assert env_of(short)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == "1"
+
+
+def output_volume(workload: dict) -> tuple[dict, dict]:
+    pod = pod_spec(workload)
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/output"]
+    return {v["name"]: v for v in pod["volumes"]}[mount["name"]], mount
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+def test_created_claim_is_owned_mounted_at_output_and_turns_checkpoints_on(backend):
+    spec = with_changes(MINIMAL, storage={"size": "50Gi", "storageClassName": "fast"})
+    children = render.render_children(job(spec), backend)
+    claim = children[0]  # created first: the pods mount it
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["metadata"]["name"] == "rm-sentiment-output"
+    assert claim["metadata"]["labels"]["rmjob.dev/job-name"] == "rm-sentiment"
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "50Gi"}},
+                             "storageClassName": "fast"}
+    assert not render.is_retained(claim)
+    volume, mount = output_volume(children[-1])
+    assert volume == {"name": "rmjob-output", "persistentVolumeClaim": {"claimName": "rm-sentiment-output"}}
+    assert "subPath" not in mount
+    config = yaml.safe_load(by_kind(children)["ConfigMap"]["data"]["trainer.yaml"])
+    assert config["checkpointing_steps"] == 100 and config.get("resume", True) is True
+    assert config["output_dir"] == "/output"
+
+
+def test_claim_for_several_nodes_is_read_write_many_and_may_be_retained():
+    spec = with_changes(MINIMAL, resources={"nodes": 2}, storage={"size": "1Ti", "retainOnDelete": True})
+    claim = render.render_children(job(spec), "job")[0]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert render.is_retained(claim)
+
+
+def test_existing_claim_is_mounted_not_created_and_an_explicit_interval_wins():
+    spec = with_changes(MINIMAL, storage={"existingClaim": "team-rm", "subPath": "runs/a"},
+                        trainer={"checkpointingSteps": 7})
+    children = render.render_children(job(spec), "job")
+    assert "PersistentVolumeClaim" not in by_kind(children)
+    volume, mount = output_volume(children[-1])
+    assert volume["persistentVolumeClaim"] == {"claimName": "team-rm"} and mount["subPath"] == "runs/a"
+    assert yaml.safe_load(by_kind(children)["ConfigMap"]["data"]["trainer.yaml"])["checkpointing_steps"] == 7
+
+
+def test_no_storage_no_claim_and_no_default_checkpoints():
+    children = render.render_children(job(), "job")
+    assert "PersistentVolumeClaim" not in by_kind(children)
+    assert "checkpointing_steps" not in yaml.safe_load(by_kind(children)["ConfigMap"]["data"]["trainer.yaml"])
 
 
 @pytest.mark.parametrize("backend", ["pytorchjob", "job"])

@@ -13,6 +13,7 @@ from test_invalid_specs import FULL, MINIMAL, with_changes
 
 from rmjob_operator.spec import (
     OPERATOR_OWNED,
+    InvalidSpec,
     OUTPUT_MOUNT_PATH,
     RewardModelJobSpec,
     TrainerSpec,
@@ -136,3 +137,93 @@ def test_no_operator_module_imports_torch():
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- spec.storage and runPolicy.terminationGracePeriodSeconds (issue 9) ---------------------
+
+from kube_schema import admission_errors, apply_defaults, committed_schema, rule_evaluations  # noqa: E402
+from test_invalid_specs import resource  # noqa: E402
+
+INVALID_STORAGE = {
+    "storage without a claim": (with_changes(MINIMAL, storage={}), "spec.storage"),
+    "existing and created claim": (with_changes(MINIMAL, storage={"existingClaim": "a", "size": "1Gi"}),
+                                   "spec.storage"),
+    "existing claim with access modes": (
+        with_changes(MINIMAL, storage={"existingClaim": "a", "accessModes": ["ReadWriteMany"]}),
+        "spec.storage.existingClaim"),
+    "existing claim retained": (with_changes(MINIMAL, storage={"existingClaim": "a", "retainOnDelete": True}),
+                                "spec.storage.existingClaim"),
+    "subPath of a created claim": (with_changes(MINIMAL, storage={"size": "1Gi", "subPath": "x"}),
+                                   "spec.storage.subPath"),
+    "absolute subPath": (with_changes(MINIMAL, storage={"existingClaim": "a", "subPath": "/x"}),
+                         "spec.storage.subPath"),
+    "size not a quantity": (with_changes(MINIMAL, storage={"size": "lots"}), "spec.storage.size"),
+    "unknown access mode": (with_changes(MINIMAL, storage={"size": "1Gi", "accessModes": ["ReadOnlyMany"]}),
+                            "spec.storage.accessModes[0]"),
+    "two nodes on a read-write-once claim": (
+        with_changes(MINIMAL, resources={"nodes": 2}, storage={"size": "1Gi", "accessModes": ["ReadWriteOnce"]}),
+        "spec.storage.accessModes"),
+    "output dir outside the claim": (
+        with_changes(MINIMAL, trainer={"outputDir": "/data/rm"}, storage={"size": "1Gi"}), "spec.trainer.outputDir"),
+    "output dir only prefixed like the claim": (
+        with_changes(MINIMAL, trainer={"outputDir": "/outputs"}, storage={"size": "1Gi"}), "spec.trainer.outputDir"),
+    "a user volume at /output next to storage": (
+        with_changes(MINIMAL, storage={"size": "1Gi"}, resources={
+            "volumes": [{"name": "out", "emptyDir": {}}], "volumeMounts": [{"name": "out", "mountPath": "/output/"}]}),
+        "spec.resources.volumeMounts"),
+    "negative grace period": (with_changes(MINIMAL, runPolicy={"terminationGracePeriodSeconds": -1}),
+                              "spec.runPolicy.terminationGracePeriodSeconds"),
+}
+VALID_STORAGE = {
+    "created claim": with_changes(MINIMAL, storage={"size": "20Gi"}),
+    "existing claim in a directory": with_changes(MINIMAL, storage={"existingClaim": "team", "subPath": "rm/a"}),
+    "two nodes, access modes left to the operator": with_changes(MINIMAL, resources={"nodes": 2},
+                                                                 storage={"size": "1Ti"}),
+    "two nodes on a read-write-many claim": with_changes(
+        MINIMAL, resources={"nodes": 2},
+        storage={"size": 100, "accessModes": ["ReadWriteMany"], "storageClassName": "nfs", "retainOnDelete": True}),
+    "output dir below the claim": with_changes(MINIMAL, trainer={"outputDir": "/output/rm"}, storage={"size": "1Gi"}),
+}
+
+
+@pytest.fixture(scope="module")
+def crd_schema() -> dict:
+    return committed_schema()
+
+
+@pytest.mark.parametrize(("spec", "field"), INVALID_STORAGE.values(), ids=INVALID_STORAGE.keys())
+def test_invalid_storage_is_rejected_by_the_crd_and_by_parse_spec(crd_schema, spec, field):
+    errors = admission_errors(crd_schema, resource(spec))
+    assert errors, "the API server would accept this spec"
+    assert any(field.rsplit(".", 1)[-1].split("[")[0] in error for error in errors), errors
+    with pytest.raises(InvalidSpec) as caught:
+        parse_spec(spec)
+    assert caught.value.field == field, caught.value.errors
+
+
+@pytest.mark.parametrize("spec", VALID_STORAGE.values(), ids=VALID_STORAGE.keys())
+def test_valid_storage_is_accepted_by_both(crd_schema, spec):
+    assert admission_errors(crd_schema, resource(spec)) == []
+    parse_spec(spec)
+
+
+@pytest.mark.parametrize("spec", [*VALID_STORAGE.values(), *(spec for spec, _ in INVALID_STORAGE.values())],
+                         ids=[*VALID_STORAGE.keys(), *INVALID_STORAGE.keys()])
+def test_storage_rules_read_an_absent_field_as_its_default(crd_schema, spec):
+    raw = resource(spec)
+    on_raw = {(path, rule["rule"]): passed for path, rule, passed in rule_evaluations(crd_schema, raw)}
+    defaulted = apply_defaults(crd_schema, raw)
+    on_defaulted = {(path, rule["rule"]): passed for path, rule, passed in rule_evaluations(crd_schema, defaulted)
+                    if (path, rule["rule"]) in on_raw}
+    assert on_raw == on_defaulted
+
+
+def test_storage_turns_checkpoints_on_unless_the_trainer_section_sets_them():
+    assert "checkpointing_steps" not in parse_spec(MINIMAL).trainer_config()
+    assert parse_spec(with_changes(MINIMAL, storage={"size": "1Gi"})).trainer_config()["checkpointing_steps"] == 100
+    explicit = with_changes(MINIMAL, storage={"size": "1Gi"}, trainer={"checkpointingSteps": 5})
+    assert parse_spec(explicit).trainer_config()["checkpointing_steps"] == 5
+
+
+def test_grace_period_default_leaves_time_for_a_checkpoint():
+    assert parse_spec(MINIMAL).run_policy.termination_grace_period_seconds == 300

@@ -91,9 +91,11 @@ compares. manifests/rbac.yaml carries the same rules.
 - apiGroups: [rmjob.dev]
   resources: [rewardmodeljobs/finalizers]
   verbs: [update]
-# Children are created once and read back on a conflict; the garbage collector deletes them.
+# Children are created once and read back on a conflict; the garbage collector deletes them
+# (a spec.storage claim with retainOnDelete excepted). An existingClaim is read for its
+# access modes.
 - apiGroups: [""]
-  resources: [configmaps, services, serviceaccounts]
+  resources: [configmaps, persistentvolumeclaims, services, serviceaccounts]
   verbs: [get, create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]

@@ -28,7 +28,10 @@ VALUE_SETS = {
     "peering-ha": ["--set", "peering.enabled=true", "--set", "replicaCount=2"],
     "trainer-account": ["--set", "trainerServiceAccount.create=true",
                         "--set", "trainerServiceAccount.namespaces={ml}"],
+    "no-metrics": ["--set", "metrics.enabled=false"],
 }
+# Not built into Kubernetes either, and absent from the value sets above: checked on its own.
+SERVICE_MONITOR = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.serviceMonitor.labels.release=prom"]
 
 
 def operator_container(objects: list[dict]) -> dict:
@@ -158,6 +161,10 @@ def test_trainer_service_account_may_only_patch_job_status(helm_template):
     (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
     (["--set", "replicas=2"], "additional properties 'replicas' not allowed"),
     (["--set", "replicaCount=2"], "needs peering.enabled=true"),
+    (["--set", "metrics.port=8080"], "metrics.port must differ from probePort"),
+    (["--set", "metrics.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"],
+     "metrics.serviceMonitor.enabled needs metrics.enabled=true"),
+    (["--set", "metrics.serviceMonitor.interval=often"], "/metrics/serviceMonitor/interval"),
 ])
 def test_bad_values_are_rejected(tools, flags, error):
     result = run(tools / "helm", "template", "r", CHART, *flags, check=False)
@@ -228,3 +235,37 @@ def test_admission_policy_binds_to_the_watched_namespaces(helm_template):
     (binding,) = by_kind(helm_template(), "ValidatingAdmissionPolicyBinding")
     assert "matchResources" not in binding["spec"]  # cluster scope: every namespace
     assert not by_kind(helm_template("--set", "admissionPolicy.enabled=false"), "ValidatingAdmissionPolicy")
+
+
+def test_metrics_are_served_on_their_own_port_behind_a_service(helm_template):
+    objects = helm_template()
+    container = operator_container(objects)
+    assert "--metrics-address=0.0.0.0:9090" in container["args"]
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    (service,) = [s for s in by_kind(objects, "Service") if s["metadata"]["name"].endswith("-metrics")]
+    (deployment,) = by_kind(objects, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}]
+    assert not [o for o in objects if o["kind"] == "ServiceMonitor"]  # needs the Prometheus Operator
+
+
+def test_metrics_can_be_turned_off(helm_template):
+    objects = helm_template(*VALUE_SETS["no-metrics"])
+    assert not any(a.startswith("--metrics-address") for a in operator_container(objects)["args"])
+    assert not [s for s in by_kind(objects, "Service") if s["metadata"]["name"].endswith("-metrics")]
+
+
+def test_service_monitor_scrapes_the_metrics_service(helm_template):
+    objects = helm_template(*SERVICE_MONITOR)
+    (monitor,) = by_kind(objects, "ServiceMonitor")
+    (service,) = [s for s in by_kind(objects, "Service") if s["metadata"]["name"].endswith("-metrics")]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [service["metadata"]["namespace"]]}
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    # Only the metrics Service matches (not, say, a headless one of the operator's own).
+    assert [s["metadata"]["name"] for s in by_kind(objects, "Service")
+            if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()] == \
+        [service["metadata"]["name"]]

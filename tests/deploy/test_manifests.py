@@ -18,7 +18,8 @@ def test_kustomization_builds_crd_rbac_and_operator(tools):
     objects = load_all(run(tools / "kubectl", "kustomize", MANIFESTS).stdout)
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(["CustomResourceDefinition", "CustomResourceDefinition", "CustomResourceDefinition",
-                            "ClusterRole", "ClusterRoleBinding", "Namespace", "ServiceAccount", "Deployment"])
+                            "ClusterRole", "ClusterRoleBinding", "Namespace", "ServiceAccount", "Deployment",
+                            "Service"])
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 

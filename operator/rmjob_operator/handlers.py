@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import json
 import logging
 import os
 import random
 import time
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import kopf
+from pydantic import BaseModel
 
 from rmjob_operator import API_VERSION, GROUP, KIND, PLURAL, VERSION, metrics, render
 from rmjob_operator import conditions as cond
@@ -37,8 +39,10 @@ from rmjob_operator.spec import InvalidSpec, RewardModelJobSpec, check_existing_
 
 JOB_LABEL = "rmjob.dev/job-name"
 # On the workload: what it was rendered from, to judge later spec edits against.
-SPEC_HASH_ANNOTATION = "rmjob.dev/spec-hash"  # everything but the safe runPolicy fields
+SPEC_SNAPSHOT_ANNOTATION = "rmjob.dev/spec-snapshot"  # every field but the safe runPolicy ones
 RUN_POLICY_ANNOTATION = "rmjob.dev/run-policy"  # the safe runPolicy fields last applied
+# What operators before the snapshot wrote instead: a hash, which cannot tell which field changed.
+LEGACY_SPEC_HASH_ANNOTATION = "rmjob.dev/spec-hash"
 PYTORCHJOB_API = ("kubeflow.org/v1", "pytorchjobs")
 # The events the API server sends the operator: field selectors only AND exact matches, so the
 # two reasons (Job's FailedCreate, Kubeflow's FailedCreatePod) and two kinds cannot be named
@@ -122,30 +126,55 @@ def status_path(namespace: str, name: str) -> str:
     return object_path(API_VERSION, KIND, namespace, name) + "/status"
 
 
-def _hash(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of an object-valued spec field (``Optional`` unwrapped); None for the rest."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    candidate = args[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1 \
+        else annotation
+    return candidate if isinstance(candidate, type) and issubclass(candidate, BaseModel) else None
 
 
-def spec_hash(spec: RewardModelJobSpec) -> str:
-    """Hash of what a started workload cannot change: the values that differ from their
-    defaults, minus the safe runPolicy fields.
+def spec_fields(spec: dict | None, model: type[BaseModel] = RewardModelJobSpec, prefix: str = "spec") -> dict:
+    """Every field ``model`` declares, by dotted path (``spec.trainer.learningRate``), with its
+    value in the raw ``spec`` (None where unset).
 
-    Defaults are left out because a newer operator adds fields with defaults (a new trainer
-    flag reaches the CRD on the next ``make crd``) and the API server then fills them into
-    every existing job: a field its user never set must not count as an edit.
+    Object sections are descended into, so a field a later schema adds to a section is a path
+    of its own; lists and maps (volumes, nodeSelector) are one field each, compared whole.
     """
-    data = spec.model_dump(by_alias=True, mode="json", exclude_defaults=True)
-    run_policy = {k: v for k, v in data.pop("runPolicy", {}).items() if k not in SAFE_FIELDS}
-    return _hash({**data, "runPolicy": run_policy} if run_policy else data)
+    spec = spec if isinstance(spec, dict) else {}
+    fields: dict = {}
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        section = _section_model(info.annotation)
+        if section is not None and isinstance(spec.get(key), (dict, type(None))):
+            fields.update(spec_fields(spec.get(key), section, f"{prefix}.{key}"))
+        else:
+            fields[f"{prefix}.{key}"] = spec.get(key)
+    return fields
 
 
-def legacy_spec_hash(spec: RewardModelJobSpec) -> str:
-    """The hash that earlier operator builds wrote (the full dump, defaults included): their
-    workloads still carry it, and a safe edit of such a job must keep working after an upgrade."""
-    data = spec.model_dump(by_alias=True, mode="json")
-    for key in SAFE_FIELDS:
-        data["runPolicy"].pop(key, None)
-    return _hash(data)
+SAFE_PATHS = frozenset(f"spec.runPolicy.{key}" for key in SAFE_FIELDS)
+
+
+def spec_snapshot(spec: dict) -> dict:
+    """What the workload is rendered from, field by field: the raw spec as the API server
+    stored it (the user's values and the CRD defaults of that day), without the safe fields.
+
+    Raw values, not the operator's parsed ones: a later operator that changes a default must
+    not see a change in a job that kept the value it was created with.
+    """
+    return {path: value for path, value in spec_fields(spec).items() if path not in SAFE_PATHS}
+
+
+def unsafe_changes(snapshot: dict, spec: dict) -> list[str]:
+    """The fields of ``snapshot`` that ``spec`` sets otherwise, sorted.
+
+    A field the snapshot does not hold was added to the schema after the workload was created:
+    the API server fills its default into every existing job, which is no edit of the user's.
+    A field the snapshot holds that this schema no longer declares is gone from the CRD too.
+    """
+    current = spec_fields(spec)
+    return sorted(path for path, value in snapshot.items() if path in current and current[path] != value)
 
 
 def safe_values(spec: RewardModelJobSpec) -> dict:
@@ -153,8 +182,8 @@ def safe_values(spec: RewardModelJobSpec) -> dict:
     return {key: policy.get(key) for key in SAFE_FIELDS}
 
 
-def workload_annotations(spec: RewardModelJobSpec) -> dict:
-    return {SPEC_HASH_ANNOTATION: spec_hash(spec),
+def workload_annotations(raw_spec: dict, spec: RewardModelJobSpec) -> dict:
+    return {SPEC_SNAPSHOT_ANNOTATION: json.dumps(spec_snapshot(raw_spec), sort_keys=True),
             RUN_POLICY_ANNOTATION: json.dumps(safe_values(spec), sort_keys=True)}
 
 
@@ -386,7 +415,8 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **
         try:
             for child in children:
                 if is_workload(child, workload_ref):
-                    child["metadata"].setdefault("annotations", {}).update(workload_annotations(spec))
+                    child["metadata"].setdefault("annotations", {}).update(
+                        workload_annotations(dict(body["spec"]), spec))
                 await create_child(memo.kube, child, owner, logger)
         except ChildNameReleasing as err:
             logger.info("waiting: %s", err)
@@ -480,10 +510,12 @@ def run_policy_patch(owner: dict, backend: str, keys: set[str]) -> dict:
     return patch
 
 
-def refusal_patch(owner: dict, fields: list[str]) -> dict:
+def refusal_patch(owner: dict, fields: list[str], held_back: list[str]) -> dict:
     status = owner.get("status") or {}
     message = (f"{', '.join(fields)} cannot change once the workload exists; "
                "revert the change or create a new RewardModelJob")
+    if held_back:
+        message += f" ({', '.join(held_back)} waits until then)"
     conditions = cond.set_condition(status.get("conditions") or [], cond.SPEC_CHANGE_REFUSED, True,
                                     "ImmutableWhileStarted", message, owner["metadata"].get("generation"),
                                     cond.now_iso())
@@ -511,18 +543,39 @@ async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, log
         await reconcile(body=body, memo=memo, logger=logger, **kwargs)
         return
 
-    paths = changed_paths(old, new)
     workload_path = object_path(workload_ref["apiVersion"], workload_ref["kind"], namespace, workload_ref["name"])
-    workload = await memo.kube.get(workload_path) or {}
-    annotations = workload.get("metadata", {}).get("annotations") or {}
+    workload = await memo.kube.get(workload_path)
+    if workload is None or not is_ours(workload, body):
+        # Finished and removed by its TTL, or lost (the watcher failed the job): nothing runs
+        # that the edit could change, and nothing is created again.
+        logger.info("spec changed, but the workload is gone: nothing to apply")
+        return
+    annotations = workload["metadata"].get("annotations") or {}
     try:
         spec = parse_spec(dict(body["spec"]))
+        refused = []
     except InvalidSpec as err:
-        spec, paths = None, [err.field]
-    if spec is None or annotations.get(SPEC_HASH_ANNOTATION) not in (spec_hash(spec), legacy_spec_hash(spec)):
-        logger.warning("refusing spec change of %s", ", ".join(paths))
-        await update_status(memo, namespace, name, lambda owner: refusal_patch(owner, paths))
-        kopf.event(body, type="Warning", reason=cond.SPEC_CHANGE_REFUSED, message=f"refused: {', '.join(paths)}")
+        spec, refused = None, [err.field]
+    workload_patch: dict = {}
+    if spec is not None and SPEC_SNAPSHOT_ANNOTATION not in annotations:
+        # Created by an operator that kept only a hash of the spec, computed with that
+        # operator's defaults: no field can be told apart any more. The spec as it is now
+        # becomes the snapshot, once; what was edited before this update is not checked.
+        snapshot = spec_snapshot(dict(body["spec"]))
+        workload_patch["metadata"] = {"annotations": {SPEC_SNAPSHOT_ANNOTATION: json.dumps(snapshot, sort_keys=True),
+                                                      LEGACY_SPEC_HASH_ANNOTATION: None}}
+        message = (f"{workload_ref['kind']} {workload_ref['name']} was created by an earlier operator that kept "
+                   f"only a hash of the spec: the spec of generation {meta.get('generation')} is taken as what "
+                   "it runs, and later edits are checked against it")
+        logger.info("%s", message)
+        kopf.event(body, type="Normal", reason="SpecSnapshotAdopted", message=message)
+    elif spec is not None:
+        refused = unsafe_changes(json.loads(annotations[SPEC_SNAPSHOT_ANNOTATION]), dict(body["spec"]))
+    if refused:
+        held_back = [path for path in changed_paths(old, new) if path in SAFE_PATHS]
+        logger.warning("refusing spec change of %s", ", ".join(refused))
+        await update_status(memo, namespace, name, lambda owner: refusal_patch(owner, refused, held_back))
+        kopf.event(body, type="Warning", reason=cond.SPEC_CHANGE_REFUSED, message=f"refused: {', '.join(refused)}")
         return
 
     # Nothing immutable differs from the workload (a safe edit, or a refused one reverted).
@@ -532,9 +585,12 @@ async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, log
     desired = safe_values(spec)
     keys = {key for key in SAFE_FIELDS if applied.get(key) != desired[key]}
     if keys:
-        patch = run_policy_patch(dict(body), workload_ref["kind"].lower(), keys)
-        patch.setdefault("metadata", {})["annotations"] = {RUN_POLICY_ANNOTATION: json.dumps(desired, sort_keys=True)}
-        await memo.kube.merge_patch(workload_path, patch)
+        workload_patch.update(run_policy_patch(dict(body), workload_ref["kind"].lower(), keys))
+        workload_patch.setdefault("metadata", {}).setdefault("annotations", {})[RUN_POLICY_ANNOTATION] = \
+            json.dumps(desired, sort_keys=True)
+    if workload_patch:
+        await memo.kube.merge_patch(workload_path, workload_patch)
+    if keys:
         applied_paths = ", ".join(f"spec.runPolicy.{key}" for key in sorted(keys))
         logger.info("applied %s to the workload", applied_paths)
         kopf.event(body, type="Normal", reason="SpecApplied", message=f"applied {applied_paths}")

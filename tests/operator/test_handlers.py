@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import pathlib
 import shutil
 
@@ -214,16 +215,103 @@ async def test_an_operator_upgrade_adding_a_trainer_flag_keeps_safe_edits_workin
     assert condition(rmj(cluster), "SpecChangeRefused") is None
 
 
-async def test_a_workload_of_an_earlier_operator_build_still_takes_safe_edits(cluster: Cluster,
-                                                                             operator: asyncio.Task) -> None:
-    """Workloads created before the spec hash left defaults out carry the full-dump hash."""
-    await started(cluster, new_job(), JOBS)
-    earlier = handlers.legacy_spec_hash(spec_module.parse_spec(new_job()["spec"]))
-    job_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/rm-test"
-    await api(cluster, "patch", job_path, {"metadata": {"annotations": {handlers.SPEC_HASH_ANNOTATION: earlier}}})
+def operator_with_another_default(monkeypatch: pytest.MonkeyPatch, field: str, default: object) -> None:
+    """Turn the running operator into a version whose TrainerSpec has another default for ``field``."""
+    info = spec_module.TrainerSpec.model_fields[field]
+    trainer = create_model("TrainerSpecNext", __base__=spec_module.TrainerSpec,
+                           **{field: (info.annotation, Field(default=default, alias=info.alias))})
+    spec_next = create_model("RewardModelJobSpecNext", __base__=spec_module.RewardModelJobSpec,
+                             trainer=(trainer, Field(description="Trainer settings.")))
+
+    def parse_spec_next(spec: dict) -> spec_module.RewardModelJobSpec:
+        return spec_next.model_validate(spec)
+
+    monkeypatch.setattr(handlers, "parse_spec", parse_spec_next)
+    monkeypatch.setattr(render, "parse_spec", parse_spec_next)
+
+
+async def test_an_operator_upgrade_changing_a_default_keeps_safe_edits_working(
+        cluster: Cluster, operator: asyncio.Task, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job was created when loraDropout defaulted to 0 (the API server stored that default,
+    as a real one does; KMock does not default, so the job spells it out). The next operator
+    defaults it to 0.05: the job still holds 0, which its user never changed, so a safe edit
+    must still reach the workload."""
+    body = new_job()
+    body["spec"]["trainer"]["loraDropout"] = 0.0
+    await started(cluster, body, JOBS)
+    operator_with_another_default(monkeypatch, "lora_dropout", 0.05)
     await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"runPolicy": {"suspend": True}}})
     await wait_for(lambda: cluster.get(JOBS, "rm-test")["spec"]["suspend"] is True, message="suspend applied")
     assert condition(rmj(cluster), "SpecChangeRefused") is None
+    # A real edit after the upgrade is still refused.
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"trainer": {"loraDropout": 0.05}}})
+    refused = await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused"))
+    assert refused["status"] == "True" and refused["message"].startswith("spec.trainer.loraDropout cannot change")
+
+
+async def test_setting_a_field_left_unset_at_creation_is_refused(cluster: Cluster, operator: asyncio.Task) -> None:
+    """An optional field without a default (absent from the stored job) is in the snapshot too:
+    setting it later is an edit, not a field a newer schema added."""
+    await started(cluster, new_job(), JOBS)
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"resources": {"priorityClassName": "high"}}})
+    refused = await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused"))
+    assert refused["message"].startswith("spec.resources.priorityClassName cannot change"), refused["message"]
+
+
+async def test_a_workload_of_an_operator_that_kept_a_hash_adopts_the_spec_once(cluster: Cluster,
+                                                                              operator: asyncio.Task) -> None:
+    """Workloads of operators before the snapshot carry only rmjob.dev/spec-hash, computed with
+    that operator's defaults (so it matches nothing now): the first edit adopts the current
+    spec as the snapshot, with an Event, and applies the safe change; later edits are checked."""
+    await started(cluster, new_job(), JOBS)
+    job_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/rm-test"
+    await api(cluster, "patch", job_path, {"metadata": {"annotations": {
+        "rmjob.dev/spec-snapshot": None, "rmjob.dev/spec-hash": "0123456789abcdef"}}})
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"runPolicy": {"suspend": True}}})
+    await wait_for(lambda: cluster.get(JOBS, "rm-test")["spec"]["suspend"] is True, message="suspend applied")
+    assert condition(rmj(cluster), "SpecChangeRefused") is None
+    adopted = await wait_for(lambda: [e for e in cluster.events_for("rm-test") if e["reason"] == "SpecSnapshotAdopted"])
+    assert len(adopted) == 1 and "generation 2" in adopted[0]["message"]
+    annotations = cluster.get(JOBS, "rm-test")["metadata"]["annotations"]
+    assert "rmjob.dev/spec-hash" not in annotations
+    assert json.loads(annotations["rmjob.dev/spec-snapshot"])["spec.trainer.learningRate"] == 3e-6
+
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"trainer": {"learningRate": 1e-5}}})
+    refused = await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused"))
+    assert refused["message"].startswith("spec.trainer.learningRate cannot change")
+    assert [e["reason"] for e in cluster.events_for("rm-test")].count("SpecSnapshotAdopted") == 1
+
+
+SNAPSHOT_SPEC = {"trainer": {"learningRate": 3e-6, "loraDropout": 0.0},
+                 "resources": {"nodes": 2, "nodeSelector": {"pool": "a"}, "resources": {"limits": {"cpu": 1}}},
+                 "runPolicy": {"suspend": False, "backoffLimit": 0}}
+
+
+@pytest.mark.parametrize(("edit", "refused"), [
+    ({}, []),
+    ({"runPolicy": {"suspend": True, "backoffLimit": 0, "ttlSecondsAfterFinished": 60}}, []),  # the safe fields
+    ({"trainer": {"learningRate": 1e-5, "loraDropout": 0.0}}, ["spec.trainer.learningRate"]),
+    ({"trainer": {"learningRate": 3e-6}}, ["spec.trainer.loraDropout"]),  # an explicit value removed
+    ({"trainer": {"learningRate": 3e-6, "loraDropout": 0.0, "numTrainEpochs": 2}}, ["spec.trainer.numTrainEpochs"]),
+    ({"resources": {"nodes": 2, "nodeSelector": {"pool": "a", "zone": "b"}, "resources": {"limits": {"cpu": 1}}}},
+     ["spec.resources.nodeSelector"]),  # a map is one field: a key added to it is an edit
+    ({"resources": {"nodes": 2, "nodeSelector": {"pool": "a"}, "resources": {"limits": {"cpu": 2}}}},
+     ["spec.resources.resources.limits"]),
+    ({"hub": {"tokenSecretRef": {"name": "hf", "key": "token"}}},
+     ["spec.hub.tokenSecretRef.key", "spec.hub.tokenSecretRef.name"]),
+])
+def test_unsafe_changes_compare_field_by_field(edit: dict, refused: list[str]) -> None:
+    snapshot = handlers.spec_snapshot(SNAPSHOT_SPEC)
+    assert handlers.unsafe_changes(snapshot, {**SNAPSHOT_SPEC, **edit}) == refused
+
+
+def test_fields_a_later_schema_adds_or_removes_are_not_edits() -> None:
+    snapshot = handlers.spec_snapshot(SNAPSHOT_SPEC)
+    added = {**SNAPSHOT_SPEC, "trainer": {**SNAPSHOT_SPEC["trainer"], "futureFlag": 7}}
+    assert handlers.unsafe_changes({k: v for k, v in snapshot.items() if k != "spec.trainer.loraDropout"},
+                                   {**added, "trainer": {**added["trainer"], "loraDropout": 0.05}}) == []
+    assert handlers.unsafe_changes({**snapshot, "spec.trainer.droppedFlag": 1}, SNAPSHOT_SPEC) == []
+    assert "spec.runPolicy.suspend" not in snapshot and snapshot["spec.trainer.learningRate"] == 3e-6
 
 
 async def test_delete_leaves_cleanup_to_the_garbage_collector(cluster: Cluster, operator: asyncio.Task) -> None:

@@ -138,16 +138,35 @@ def test_v2_best_of_n_ties_split_credit_and_ties_subset(tmp_path):
     assert (focus["count"], focus["ties"]) == (3, 1)
     assert [e["credit"] for e in result["examples"][:5]] == pytest.approx([1, 1 / 3, 0, 1, 0.5])
     # ref accuracy 1/2, tied accuracy 2/2; correctness preferred: prompt 0 (1 > 2 no), prompt 1
-    # (3 > 0 yes) = 1/2; hard: min(3, 1) > 2 no, min(-1, 3) > 0 no = 0; margin ratio only
-    # where the spread > 0: prompt 0, min(3, 1) / 2 = 0.5 -> tanh(-0.5).
+    # (3 > 0 yes) = 1/2; hard: min(3, 1) > 2 no, min(-1, 3) > 0 no = 0; margin score
+    # tanh(min margin / spread - 1): prompt 0, min(3, 1) / 2 = 0.5 -> tanh(-0.5); prompt 1, spread 0:
+    # -1 / 0 = -inf with numpy's division (upstream's) -> tanh = -1.
     assert ties["ref_accuracy"] == 0.5 and ties["tied_accuracy"] == 1
     assert ties["correctness_preferred"] == 0.5 and ties["correctness_preferred_hard"] == 0
-    expected_ties = 0.3 * 1 + 0.3 * 0.5 + 0.2 * 0.5 + 0.2 * 0 + 0.01 * math.tanh(-0.5)
+    assert ties["correctness_margin_score"] == pytest.approx((math.tanh(-0.5) - 1) / 2)
+    expected_ties = 0.3 * 1 + 0.3 * 0.5 + 0.2 * 0.5 + 0.2 * 0 + 0.01 * (math.tanh(-0.5) - 1) / 2
     assert ties["accuracy"] == pytest.approx(expected_ties) and ties["count"] == 4
     assert result["overall"] == pytest.approx(((1 + 1 / 3) / 2 + 0.5 + expected_ties) / 3)  # mean of subsets
     # margin: worst chosen - best rejected; Math: 3 - 2, 2 - 2
     assert math_subset["margin_mean"] == 0.5
     assert math_subset["chosen_mean"] == 2.5 and math_subset["rejected_mean"] == pytest.approx(8 / 6)
+
+
+def test_ties_margin_score_counts_prompts_whose_correct_answers_tie(tmp_path):
+    # Upstream divides by the spread with numpy: x / 0 is +-inf (tanh +-1), 0 / 0 is NaN (set to 0),
+    # and the mean runs over every prompt with a ref and a tied row.
+    rows = [v2_row("Ties", [2], [0], "ref:0"), v2_row("Ties", [3, 3], [1], "tied:0"),  # min(2, 2) / 0 -> +1
+            v2_row("Ties", [1], [1], "ref:1"), v2_row("Ties", [3, 3], [1], "tied:1"),  # min(0, 2) / 0 -> 0
+            v2_row("Ties", [0], [1], "ref:2"), v2_row("Ties", [3, 3], [1], "tied:2"),  # min(-1, 2) / 0 -> -1
+            v2_row("Ties", [2], [0], "ref:3"), v2_row("Ties", [5, 5], [1], "tied:3"),  # min(2, 4) / 0 -> +1
+            v2_row("Ties", [2], [0], "ref:4"), v2_row("Ties", [4, 3], [2], "tied:4")]  # min(2, 1) / 1 -> tanh(0)
+    ties = run_benchmark(write_jsonl(tmp_path / "ties.jsonl", rows), reward_from_text)["subsets"]["Ties"]
+    assert ties["correctness_margin_score"] == pytest.approx((1 + 0 - 1 + 1 + 0) / 5)
+    parts = (ties["tied_accuracy"], ties["ref_accuracy"], ties["correctness_preferred"],
+             ties["correctness_preferred_hard"])
+    # ref margins 2, 0, -1, 2, 2; tied margin > spread except prompt 4 (1 > 1); min > spread: prompts 0, 3
+    assert parts == (1, pytest.approx(3 / 5), pytest.approx(4 / 5), pytest.approx(2 / 5))
+    assert ties["accuracy"] == pytest.approx(0.3 * 1 + 0.3 * 3 / 5 + 0.2 * 4 / 5 + 0.2 * 2 / 5 + 0.01 * 1 / 5)
 
 
 def test_report_files_and_wandb_metrics(v1_file, tmp_path):
@@ -327,3 +346,26 @@ def test_missing_or_unloadable_model_folder_is_one_error_line(v1_file, tmp_path)
     result = run_evaluate("--model_name_or_path", str(tmp_path / "not-a-model"), "--dataset", str(v1_file))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
     assert result.stderr.startswith(f"error: --model_name_or_path: cannot load {tmp_path / 'not-a-model'}: ")
+
+
+def test_model_rewards_equal_unpadded_ones_when_the_text_holds_the_pad_token(tiny_reward_model_dir):
+    # The pad id cannot tell padding from text when the template emits the pad token itself (here
+    # at the start of every sequence); the sequence lengths can.
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rmjob_trainer.chat_templates import CHAT_TEMPLATES
+    from rmjob_trainer.evaluate import model_reward_fn
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_reward_model_dir)
+    tokenizer.chat_template = tokenizer.pad_token + CHAT_TEMPLATES["simple_chat"]
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir).eval()
+    conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                     for p, r in zip(PROMPTS * 2, REPLIES)]
+    sequences = tokenizer.apply_chat_template(conversations, return_dict=False)
+    assert all(s[0] == tokenizer.pad_token_id for s in sequences) and len({len(s) for s in sequences}) > 1
+    got = model_reward_fn(model, tokenizer, batch_size=3)(conversations)
+    with torch.no_grad():
+        unpadded = [model(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s))).logits[0, 0].item()
+                    for s in sequences]
+    assert got == pytest.approx(unpadded, abs=1e-5)

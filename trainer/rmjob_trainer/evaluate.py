@@ -308,6 +308,15 @@ def _mean_or_zero(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _tanh_margin_ratio(margin: float, spread: float) -> float:
+    """Upstream's ``tanh(margin / spread - 1)`` with numpy's division: a prompt whose correct
+    answers tie (spread 0) scores tanh(+-inf) = +-1 by the margin's sign, and 0 for 0 / 0 (NaN,
+    which upstream replaces by 0); every such prompt counts in the mean."""
+    if spread == 0:
+        return math.copysign(1.0, margin) if margin else 0.0
+    return math.tanh(margin / spread - 1)
+
+
 def ties_score(rows: list[dict]) -> dict[str, float]:
     """Upstream's ``process_single_model`` overall score for the Ties subset:
     0.3 tied accuracy + 0.3 ref accuracy + 0.2 correctness preferred + 0.2 correctness
@@ -321,14 +330,14 @@ def ties_score(rows: list[dict]) -> dict[str, float]:
     preferred = [float(tied[p]["correct_incorrect_margin"] > tied[p]["different_correct_margin"]) for p in common]
     hard = [min(ref[p]["correct_incorrect_margin"], tied[p]["correct_incorrect_margin"])
             > tied[p]["different_correct_margin"] for p in common]
-    ratios = [min(ref[p]["correct_incorrect_margin"], tied[p]["correct_incorrect_margin"])
-              / tied[p]["different_correct_margin"] for p in common if tied[p]["different_correct_margin"] > 0]
+    margin_scores = [_tanh_margin_ratio(min(ref[p]["correct_incorrect_margin"], tied[p]["correct_incorrect_margin"]),
+                                        tied[p]["different_correct_margin"]) for p in common]
     parts = {
         "ref_accuracy": _mean_or_zero([float(s["accurate"]) for s in ref.values()]),
         "tied_accuracy": _mean_or_zero([float(s["accurate"]) for s in tied.values()]),
         "correctness_preferred": _mean_or_zero(preferred),
         "correctness_preferred_hard": _mean_or_zero([float(h) for h in hard]),
-        "correctness_margin_score": _mean_or_zero([math.tanh(r - 1) for r in ratios]),
+        "correctness_margin_score": _mean_or_zero(margin_scores),
     }
     score = (0.3 * parts["tied_accuracy"] + 0.3 * parts["ref_accuracy"] + 0.2 * parts["correctness_preferred"]
              + 0.2 * parts["correctness_preferred_hard"] + 0.01 * parts["correctness_margin_score"])
@@ -436,14 +445,18 @@ def run_benchmark(dataset_path: str | os.PathLike | Benchmark, reward_fn: Reward
 
 
 def model_reward_fn(model, tokenizer, batch_size: int = 8, device=None) -> RewardFn:
-    """Rewards with :func:`rmjob_trainer.model.get_reward` (the training loop's reward: last
-    non-pad token of right-padded sequences). The tokenizer must carry its chat template.
-    Sequences go longest first so each batch pads little; results come back in input order."""
+    """Rewards with :func:`rmjob_trainer.model.get_reward` (the training loop's reward: each
+    sequence's last token, located from the sequence lengths as in training, so a pad token
+    that the text itself contains does not cut it short). The tokenizer must carry its chat
+    template. Sequences go longest first so each batch pads little; results come back in input
+    order."""
     import torch
 
-    from rmjob_trainer.model import get_reward
+    from rmjob_trainer.model import get_reward, padded_batch
 
     device = device or next(model.parameters()).device
+    # Only fills the padding, which the mask keeps out of the reward: any id will do.
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @torch.no_grad()
     def rewards(conversations: list[Messages]) -> list[float]:
@@ -455,10 +468,10 @@ def model_reward_fn(model, tokenizer, batch_size: int = 8, device=None) -> Rewar
         try:
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                longest = max(len(sequences[i]) for i in chunk)
-                ids = torch.tensor([sequences[i] + [tokenizer.pad_token_id] * (longest - len(sequences[i]))
-                                    for i in chunk], device=device)
-                for i, reward in zip(chunk, get_reward(model, ids, tokenizer.pad_token_id).float().tolist()):
+                batch = padded_batch([sequences[i] for i in chunk], pad_token_id)
+                chunk_rewards = get_reward(model, batch["input_ids"].to(device), pad_token_id,
+                                           batch["attention_mask"].to(device))
+                for i, reward in zip(chunk, chunk_rewards.float().tolist()):
                     out[i] = reward
         finally:
             model.train(was_training)

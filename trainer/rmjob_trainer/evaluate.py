@@ -184,6 +184,7 @@ def load_benchmark(path: str | os.PathLike, split: str | None = None) -> Benchma
         raise DataError(f"{path}: unknown format: 'chosen' in row 0 is {_describe(first)}; expected a string "
                         "(RewardBench v1) or a non-empty list of strings (RewardBench 2)")
     rows = []
+    ties_rows: dict[tuple[str, int], int] = {}
     for i, row in enumerate(raw):
         for key in ("prompt", "subset"):
             if not isinstance(row.get(key), str):
@@ -205,8 +206,14 @@ def load_benchmark(path: str | os.PathLike, split: str | None = None) -> Benchma
                 if not all(isinstance(v, str) for v in value):
                     _fail_row(path, i, f"{key!r} must hold only strings")
                 row_out[key] = list(value)
-        if fmt == V2 and row["subset"].lower() == TIES_SUBSET and _ties_key(row.get("id")) is None:
-            _fail_row(path, i, f"a Ties row needs an 'id' of the form ref:N or tied:N, got {row.get('id')!r}")
+        if fmt == V2 and row["subset"].lower() == TIES_SUBSET:
+            ties_key = _ties_key(row.get("id"))
+            if ties_key is None:
+                _fail_row(path, i, f"a Ties row needs an 'id' of the form ref:N or tied:N, got {row.get('id')!r}")
+            if ties_key in ties_rows:  # scoring keeps one row per prompt and kind
+                _fail_row(path, i, f"Ties id {row['id']!r} is prompt {ties_key[1]}'s {ties_key[0]} row again "
+                                   f"(row {ties_rows[ties_key]})")
+            ties_rows[ties_key] = i
         rows.append(row_out)
     return Benchmark(path=path, format=fmt, rows=rows)
 

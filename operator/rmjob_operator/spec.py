@@ -601,6 +601,13 @@ class StorageSpec(_Model):
             "!has(self.subPath) || has(self.existingClaim)",
             lambda s: s.sub_path is None or s.existing_claim is not None,
         ),
+        # The API server refuses a pod whose subPath climbs out of its volume, too late for the CRD.
+        Rule(
+            "subPath",
+            "subPath must not contain '..'",
+            "!has(self.subPath) || !self.subPath.contains('..')",
+            lambda s: s.sub_path is None or ".." not in s.sub_path,
+        ),
     )
 
 

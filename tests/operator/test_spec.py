@@ -157,6 +157,8 @@ INVALID_STORAGE = {
                                    "spec.storage.subPath"),
     "absolute subPath": (with_changes(MINIMAL, storage={"existingClaim": "a", "subPath": "/x"}),
                          "spec.storage.subPath"),
+    "subPath climbing out of the claim": (with_changes(MINIMAL, storage={"existingClaim": "a", "subPath": "a/../.."}),
+                                         "spec.storage.subPath"),
     "size not a quantity": (with_changes(MINIMAL, storage={"size": "lots"}), "spec.storage.size"),
     "unknown access mode": (with_changes(MINIMAL, storage={"size": "1Gi", "accessModes": ["ReadOnlyMany"]}),
                             "spec.storage.accessModes[0]"),

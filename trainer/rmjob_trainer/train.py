@@ -39,6 +39,7 @@ from rmjob_trainer.distributed import (Dist, all_reduce_sum, barrier, broadcast_
 from rmjob_trainer.evaluate import (benchmark_metrics, evaluate_benchmark, load_benchmark, log_to_wandb,
                                     summary_line, write_report)
 from rmjob_trainer.model import load_tokenizer, padded_batch
+from rmjob_trainer.preemption import EXIT_PREEMPTED, Preempted, SigtermWatch
 
 CHOSEN, REJECTED = "input_ids_chosen", "input_ids_rejected"
 TRAIN_NAMES = ("accuracy", "loss", "chosen_reward", "rejected_reward", "reward_margin")
@@ -463,6 +464,19 @@ def finish_again(cfg: RewardConfig, output_dir: Path, final: dict, d: Dist) -> d
 
 # --- the loop -------------------------------------------------------------------------------
 def train(cfg: RewardConfig) -> dict:
+    """Train, or finish a run that trained already. On SIGTERM (:mod:`rmjob_trainer.preemption`)
+    every rank stops after the step in progress, the step is checkpointed and :class:`Preempted`
+    (exit status :data:`EXIT_PREEMPTED`) raised; the same call again resumes from it."""
+    with SigtermWatch() as sigterm:
+        return _train(cfg, sigterm)
+
+
+def _stop_requested(sigterm: SigtermWatch, d: Dist) -> bool:
+    """Whether any rank got SIGTERM (a collective: every rank gets the same answer)."""
+    return all_reduce_sum(torch.tensor([float(sigterm.requested)], device=d.device)).item() > 0
+
+
+def _train(cfg: RewardConfig, sigterm: SigtermWatch) -> dict:
     from rmjob_trainer.data import build_datasets
 
     ds_settings = deepspeed_settings(cfg)
@@ -526,6 +540,36 @@ def train(cfg: RewardConfig) -> dict:
         run_log = RunLog(cfg, run_name, output_dir, num_training_steps, start_step if resumed else None)
         run_log.log_dataset(cfg, tokenizer, train_dataset, eval_dataset, output_dir)
 
+    def evaluate_and_log(done: int, step_metrics: dict) -> None:
+        """The evaluation and benchmark scheduled after optimizer step ``done``, then its log line."""
+        if done in eval_steps:
+            eval_metrics, rows = evaluate(engine, eval_dataset, tokenizer, cfg, d)
+            step_metrics.update(eval_metrics)
+            if d.is_main:
+                tqdm.write(" ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                print_samples(rows)
+                run_log.tracker.log_table("preference_sample_texts",
+                                          ["chosen_text", "rejected_text", "chosen_reward", "rejected_reward"], rows)
+        benchmark = score_benchmark(engine, tokenizer, benchmark_data, cfg, d) if done in benchmark_steps else None
+        if benchmark is not None:
+            step_metrics.update(benchmark_metrics(benchmark, BENCHMARK_PREFIX))
+        if d.is_main:
+            run_log.log(done, step_metrics, benchmark)
+
+    def leave_preempted(checkpointed: int | None) -> None:
+        engine.close()
+        leave_distributed()
+        if d.is_main:
+            saved = f"checkpoint step_{checkpointed} written" if checkpointed else "before any step"
+            print(f"SIGTERM: stopped ({saved}); exit status {EXIT_PREEMPTED}: the same command resumes the run",
+                  flush=True)
+        raise Preempted(checkpointed)
+
+    if _stop_requested(sigterm, d):  # while the data, model or checkpoint loaded: nothing to save
+        leave_preempted(None)
+    if resumed and "unlogged_metrics" in resumed:
+        evaluate_and_log(start_step, resumed["unlogged_metrics"])
+
     metrics: dict = {}
     train_margins = margins_of(train_dataset)
     engine.train()
@@ -541,26 +585,24 @@ def train(cfg: RewardConfig) -> dict:
             engine.backward(loss)  # optimizer + scheduler step on the last micro-step
             sums += pair_sums(chosen.detach(), rejected.detach(), None, margin, cfg.center_rewards_coefficient)
         episode = (step + 1) * batch_size
+        # Each rank's SIGTERM rides on the all-reduce of the step's metrics: every rank learns at
+        # this same step that one of them was asked to stop. The last step just finishes the run.
+        sums = all_reduce_sum(torch.cat([sums, torch.tensor([float(sigterm.requested)], device=d.device)]))
+        preempted = sums[-1].item() > 0 and step + 1 < num_training_steps
         metrics = {"episode": episode, "epoch": episode / len(train_dataset),
-                   **named_means(all_reduce_sum(sums), "train/rm/", TRAIN_NAMES), "train/rm/lr": engine.lr}
-        if step + 1 in eval_steps:
-            eval_metrics, rows = evaluate(engine, eval_dataset, tokenizer, cfg, d)
-            metrics.update(eval_metrics)
-            if d.is_main:
-                tqdm.write(" ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-                print_samples(rows)
-                run_log.tracker.log_table("preference_sample_texts",
-                                          ["chosen_text", "rejected_text", "chosen_reward", "rejected_reward"], rows)
-        benchmark = (score_benchmark(engine, tokenizer, benchmark_data, cfg, d) if step + 1 in benchmark_steps
-                     else None)
-        if benchmark is not None:
-            metrics.update(benchmark_metrics(benchmark, BENCHMARK_PREFIX))
-        if d.is_main:
-            run_log.log(step + 1, metrics, benchmark)
-        if cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < num_training_steps:
+                   **named_means(sums[:-1], "train/rm/", TRAIN_NAMES), "train/rm/lr": engine.lr}
+        # A preempted step's evaluation would spend the grace period: the resumed run does it
+        # (on the same weights), then logs the step.
+        unlogged = preempted and step + 1 in (eval_steps | benchmark_steps)
+        if not unlogged:
+            evaluate_and_log(step + 1, metrics)
+        periodic = cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0
+        if preempted or (periodic and step + 1 < num_training_steps):
             trainer_state = {"step": step + 1, "run_name": run_name, "settings": settings,
-                             "data_order": order.state(step + 1)}
+                             "data_order": order.state(step + 1), **({"unlogged_metrics": metrics} if unlogged else {})}
             save_checkpoint(engine, output_dir, step + 1, trainer_state, d, cfg.checkpoints_total_limit)
+        if preempted:
+            leave_preempted(step + 1)
 
     final = {"run_name": run_name, "step": num_training_steps, **metrics,  # the last step evaluated
              "settings": settings}

@@ -1,0 +1,284 @@
+"""SIGTERM (a preempted, evicted or drained pod): every rank finishes the step in progress, the
+step is checkpointed, the run exits with EXIT_PREEMPTED (torchrun included, through
+rmjob-torchrun), and the same command resumes it to the final metrics of a run that was never
+interrupted: same steps, same data order, same RNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from test_distributed import DS_CONFIGS, _flags
+from test_resume import ENV, _command, _config
+
+from rmjob_trainer.preemption import EXIT_PREEMPTED, Preempted
+
+RUN_TIMEOUT_S = 240
+# rmjob-torchrun as the console script runs it (the script itself is only in an installed venv).
+RMJOB_TORCHRUN = [sys.executable, "-c", "import sys; from rmjob_trainer.preemption import torchrun; sys.exit(torchrun())"]
+
+
+def _log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(got_dir: Path, want_dir: Path) -> None:
+    """Same final metrics and the same logged steps (each step once) as the uninterrupted run."""
+    got = json.loads((got_dir / "metrics.json").read_text())
+    want = json.loads((want_dir / "metrics.json").read_text())
+    got.pop("run_name"), want.pop("run_name")
+    assert got.pop("settings") == want.pop("settings")
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key
+    got_log, want_log = _log(got_dir), _log(want_dir)
+    assert [line["step"] for line in got_log] == [line["step"] for line in want_log]
+    for got_line, want_line in zip(got_log, want_log):
+        assert got_line.keys() == want_line.keys(), got_line["step"]
+        for key in want_line:
+            assert got_line[key] == pytest.approx(want_line[key], rel=1e-6, abs=1e-6), (got_line["step"], key)
+
+
+# --- one process, in this process: SIGTERM at a chosen step -----------------------------------
+@pytest.fixture
+def sigterm_action():
+    """SIGTERM's action before the test, restored after it (a preempted train() leaves it ignored)."""
+    action = signal.getsignal(signal.SIGTERM)
+    yield action
+    signal.signal(signal.SIGTERM, action)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, bundled_dataset_dir, tmp_path_factory):
+    """8 steps, evaluations after steps 4 and 8, no periodic checkpoints."""
+    from rmjob_trainer.train import train
+
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    train(_config(tiny_model_dir, bundled_dataset_dir, output_dir, num_evals=2, checkpointing_steps=None))
+    return output_dir
+
+
+def _sigterm_during_step(step: int):
+    """A patch of DataOrder.micro_batch that sends this process SIGTERM while step ``step``
+    (1-based) gathers its first micro-batch."""
+    from rmjob_trainer.train import DataOrder
+
+    micro_batch = DataOrder.micro_batch
+
+    def with_sigterm(self, step_index, micro_step, rank):
+        if step_index + 1 == step and micro_step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return micro_batch(self, step_index, micro_step, rank)
+
+    return with_sigterm
+
+
+@pytest.mark.parametrize("step,logged_steps", [(5, 5), (4, 3)], ids=["plain-step", "eval-step"])
+def test_sigterm_checkpoints_the_step_and_the_rerun_ends_as_uninterrupted(
+        step, logged_steps, uninterrupted, tiny_model_dir, bundled_dataset_dir, tmp_path, monkeypatch,
+        sigterm_action):
+    """Step 4 is an evaluation step: its evaluation is left to the resumed run (on the same
+    weights), which logs the step once, with it."""
+    from rmjob_trainer import train as train_module
+
+    cfg = _config(tiny_model_dir, bundled_dataset_dir, tmp_path, num_evals=2, checkpointing_steps=None)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.DataOrder, "micro_batch", _sigterm_during_step(step))
+        with pytest.raises(Preempted) as stopped:
+            train_module.train(cfg)
+    assert stopped.value.code == EXIT_PREEMPTED and stopped.value.step == step
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # on its way out: see SigtermWatch
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"step_{step}"]
+    assert not (tmp_path / "metrics.json").exists()
+    assert [line["step"] for line in _log(tmp_path)] == list(range(1, logged_steps + 1))
+
+    signal.signal(signal.SIGTERM, sigterm_action)
+    assert train_module.train(cfg)["run_name"] == "first"
+    assert signal.getsignal(signal.SIGTERM) == sigterm_action  # a run that finished gives it back
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_sigterm_before_the_first_step_saves_nothing(tiny_model_dir, bundled_dataset_dir, tmp_path, monkeypatch,
+                                                     sigterm_action):
+    """Asked to stop while loading: there is no step to save, the run leaves at once."""
+    from rmjob_trainer import train as train_module
+
+    build_engine = train_module.build_engine
+
+    def build_then_sigterm(*args, **kwargs):
+        engine = build_engine(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return engine
+
+    monkeypatch.setattr(train_module, "build_engine", build_then_sigterm)
+    with pytest.raises(Preempted) as stopped:
+        train_module.train(_config(tiny_model_dir, bundled_dataset_dir, tmp_path))
+    assert stopped.value.step is None
+    assert _log(tmp_path) == [] and not (tmp_path / "checkpoints").exists()
+
+
+# --- rmjob-torchrun's exit status, with stand-in ranks ---------------------------------------
+RANK_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+
+rank, scenario, marks = os.environ["RANK"], sys.argv[1], Path(sys.argv[2])
+(marks / f"started-{rank}").touch()
+if scenario == "torchrun-signalled":
+    time.sleep(300)  # SIGTERM's default action: ended by it
+elif rank == "1":  # stopped for a preemption first
+    while not (marks / "started-0").exists():
+        time.sleep(0.01)
+    (marks / "exited-1").touch()
+    sys.exit(200)
+elif scenario == "preempted-then-ended-by-torchrun":
+    time.sleep(300)  # still shutting down when torchrun SIGTERMs it
+else:  # "error-next-to-preempted": fails on its own, after rank 1 exited
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while not (marks / "exited-1").exists():
+        time.sleep(0.01)
+    time.sleep(0.5)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("scenario,status", [
+    ("torchrun-signalled", EXIT_PREEMPTED),
+    ("preempted-then-ended-by-torchrun", EXIT_PREEMPTED),
+    ("error-next-to-preempted", 1),  # torchrun's own status: an error is never retried as a preemption
+])
+def test_rmjob_torchrun_exit_status(scenario, status, tmp_path):
+    """torchrun exits 1 in all three; rmjob-torchrun says which ones were preemptions."""
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    with open(tmp_path / "torchrun.log", "w") as out:
+        agent = subprocess.Popen([*RMJOB_TORCHRUN, "--standalone", "--nproc_per_node=2", str(tmp_path / "rank.py"),
+                                  scenario, str(tmp_path)], env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        if scenario == "torchrun-signalled":
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while not ((tmp_path / "started-0").exists() and (tmp_path / "started-1").exists()):
+                assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "torchrun.log").read_text()
+                time.sleep(0.05)
+            agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=RUN_TIMEOUT_S) == status, (tmp_path / "torchrun.log").read_text()[-3000:]
+    finally:
+        if agent.poll() is None:
+            for process in psutil.Process(agent.pid).children(recursive=True):
+                process.kill()
+            agent.kill()
+
+
+def test_rmjob_torchrun_gives_ranks_time_for_a_checkpoint(monkeypatch):
+    """torchrun SIGKILLs its ranks 30 s after forwarding SIGTERM by default, often before a large
+    checkpoint is written; rmjob-torchrun leaves the limit to the pod's grace period, unless
+    told otherwise."""
+    import torch.distributed.run
+
+    from rmjob_trainer.preemption import SHUTDOWN_TIMEOUT_S, torchrun
+
+    seen = []
+    monkeypatch.setattr(torch.distributed.run, "main",
+                        lambda argv=None: seen.append(os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]))
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert torchrun([]) == 0
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "90")
+    assert torchrun([]) == 0
+    assert seen == [str(SHUTDOWN_TIMEOUT_S), "90"] and SHUTDOWN_TIMEOUT_S > 30
+
+
+# --- real signals to real trainers ------------------------------------------------------------
+def _wait_for_steps(output_dir: Path, process: subprocess.Popen, steps: int, log: Path) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not ((output_dir / "log.jsonl").exists() and len(_log(output_dir)) >= steps):
+        assert process.poll() is None, f"exited {process.returncode} before step {steps}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no step {steps} after {RUN_TIMEOUT_S} s"
+        time.sleep(0.05)
+
+
+def _run_to_end(command: list[str], log: Path) -> None:
+    with open(log, "w") as out:
+        result = subprocess.run(command, env=ENV, stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, log.read_text()[-4000:]
+
+
+def _checkpoints(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in (output_dir / "checkpoints").iterdir())
+
+
+@pytest.mark.xdist_group("distributed")  # timing-sensitive: not next to the multi-process tests
+def test_one_process_sigterm_exits_preempted_and_resumes(tiny_model_dir, bundled_dataset_dir, tmp_path):
+    """`python -m rmjob_trainer` as a pod's only process: SIGTERM mid-run, exit EXIT_PREEMPTED."""
+    command = _command(tiny_model_dir, bundled_dataset_dir, tmp_path / "preempted")
+    with open(tmp_path / "first.log", "w") as out:
+        process = subprocess.Popen(command, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    _wait_for_steps(tmp_path / "preempted", process, 5, tmp_path / "first.log")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=RUN_TIMEOUT_S) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-3000:]
+    stopped_at = max(int(name.split("_")[1]) for name in _checkpoints(tmp_path / "preempted"))
+    assert stopped_at >= 5 and f"checkpoint step_{stopped_at} written" in (tmp_path / "first.log").read_text()
+
+    _run_to_end(command, tmp_path / "second.log")
+    assert f"resuming from {tmp_path / 'preempted' / 'checkpoints' / f'step_{stopped_at}'}" in (
+        tmp_path / "second.log").read_text()
+    _run_to_end(_command(tiny_model_dir, bundled_dataset_dir, tmp_path / "uninterrupted"), tmp_path / "ref.log")
+    assert_same_run(tmp_path / "preempted", tmp_path / "uninterrupted")
+
+
+def _rank_process(agent: subprocess.Popen, rank: int) -> psutil.Process:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        for child in psutil.Process(agent.pid).children():
+            if child.environ().get("RANK") == str(rank):
+                return child
+        assert time.monotonic() < deadline, f"no rank {rank} under torchrun"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(4 * RUN_TIMEOUT_S)
+@pytest.mark.xdist_group("distributed")
+@pytest.mark.parametrize("engine,signalled", [(None, "torchrun"), ("deepspeed_zero2.yaml", "rank 1")],
+                         ids=["ddp-torchrun-signalled", "zero2-one-rank-signalled"])
+def test_two_processes_sigterm_checkpoint_exit_preempted_and_resume(
+        engine, signalled, tiny_model_dir, bundled_dataset_dir, tmp_path):
+    """torchrun (a pod's first process, which Kubernetes signals) forwards SIGTERM to its ranks;
+    a rank on another node gets none and learns it from the others: here SIGTERM reaches rank 1
+    alone. Either way both ranks checkpoint the same step and rmjob-torchrun exits
+    EXIT_PREEMPTED, where torchrun would exit 1."""
+    launcher = [*RMJOB_TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "rmjob_trainer"]
+
+    def command(output_dir: Path) -> list[str]:
+        args = _flags(tiny_model_dir, bundled_dataset_dir, output_dir, grad_accum=1)
+        return [*launcher, *args, *(["--deepspeed", str(DS_CONFIGS / engine)] if engine else [])]
+
+    preempted = tmp_path / "preempted"
+    with open(tmp_path / "first.log", "w") as out:
+        agent = subprocess.Popen(command(preempted), env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_steps(preempted, agent, 2, tmp_path / "first.log")
+        (agent if signalled == "torchrun" else _rank_process(agent, 1)).send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=RUN_TIMEOUT_S) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-4000:]
+    finally:
+        if agent.poll() is None:
+            for process in psutil.Process(agent.pid).children(recursive=True):
+                process.kill()
+            agent.kill()
+    first_log = (tmp_path / "first.log").read_text()
+    (checkpoint,) = _checkpoints(preempted)
+    assert f"checkpoint {checkpoint} written" in first_log
+    if engine:  # every rank's ZeRO shards and RNG state, in the one checkpoint
+        names = {p.name for p in (preempted / "checkpoints" / checkpoint).rglob("*")}
+        assert {"rng_rank0.pt", "rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
+    assert not (preempted / "metrics.json").exists()
+
+    _run_to_end(command(preempted), tmp_path / "second.log")
+    assert f"resuming from {preempted / 'checkpoints' / checkpoint}" in (tmp_path / "second.log").read_text()
+    _run_to_end(command(tmp_path / "uninterrupted"), tmp_path / "ref.log")
+    assert_same_run(preempted, tmp_path / "uninterrupted")

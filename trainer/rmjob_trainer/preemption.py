@@ -1,0 +1,119 @@
+"""Preemption: SIGTERM -> finish the optimizer step, every rank agrees, checkpoint, exit retryable.
+
+A pod that is preempted, evicted or drained gets SIGTERM and, ``terminationGracePeriodSeconds``
+later, SIGKILL. Kubernetes signals the container's first process only: ``torchrun`` (its
+elastic agent), which forwards SIGTERM to its local ranks and SIGKILLs those still running
+``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds later (default 30). Ranks on other nodes get no
+signal at all. So:
+
+* each rank's :class:`SigtermWatch` turns SIGTERM into a request, nothing more: the step in
+  progress (its forward and backward passes, its collectives) runs to its end;
+* the training loop adds the request to the all-reduce of each step's metrics, so every rank
+  learns at the same step that some rank was asked to stop, at no extra collective;
+* all ranks then write a checkpoint of that step together and leave with
+  :data:`EXIT_PREEMPTED` (:class:`Preempted`, a ``SystemExit``);
+* ``rmjob-torchrun`` (:func:`torchrun`) is torchrun whose own exit status is
+  :data:`EXIT_PREEMPTED` too, where torchrun's would be 1 (a failed child, or the agent's own
+  SIGTERM), which retry policies read as the trainer's error; and which gives its ranks
+  :data:`SHUTDOWN_TIMEOUT_S` after SIGTERM instead of torchrun's 30 s.
+
+The retried pod reruns the same command, which resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+# Retryable by Kubeflow's restartPolicy ExitCode (128-255 are), and no 128+N of a signal (N <= 64):
+# a run that stopped cleanly is told apart from one killed by SIGTERM (143) or SIGKILL (137).
+EXIT_PREEMPTED = 200
+# How torchrun records the ranks it stops itself (subprocess exit status: minus the signal).
+_ENDED_BY_TORCHRUN = (-signal.SIGTERM, -signal.SIGKILL)
+# torchrun SIGKILLs its ranks this long after forwarding SIGTERM (its own default: 30 s, less than
+# one step and a checkpoint of a large model). In a pod the grace period is the limit that
+# counts: at its end the kubelet kills the container, torchrun and ranks alike.
+SHUTDOWN_TIMEOUT_S = 3600
+
+
+class Preempted(SystemExit):
+    """Raised by ``train()`` once every rank has written the checkpoint of ``step``: uncaught,
+    the process exits with :data:`EXIT_PREEMPTED`."""
+
+    def __init__(self, step: int | None):
+        super().__init__(EXIT_PREEMPTED)
+        self.step = step
+
+
+class SigtermWatch:
+    """While active (``with``), SIGTERM sets :attr:`requested` instead of ending the process.
+
+    Left with :class:`Preempted`, SIGTERM stays ignored: the process is on its way out, and
+    torchrun SIGTERMs the ranks still running as soon as one rank has exited, which would
+    record a rank still in interpreter shutdown as killed (-15) instead of preempted. Left
+    otherwise, the previous action is restored.
+
+    Only the main thread can install signal handlers; elsewhere (a trainer run in a thread)
+    SIGTERM keeps its own action and :attr:`requested` stays False."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self) -> SigtermWatch:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+            self._installed = True
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if isinstance(exc, Preempted) else self._previous)
+            self._installed = False
+
+    def _request(self, signum, frame) -> None:
+        # No printing here: a handler that runs while the main thread is inside print() would
+        # re-enter the same buffered stream.
+        self.requested = True
+
+
+def torchrun(argv: list[str] | None = None) -> int:
+    """``rmjob-torchrun``: torchrun (same arguments), whose exit status is :data:`EXIT_PREEMPTED`
+    when its ranks stopped for a preemption, so that a retry policy can tell it from an error:
+
+    * this agent got SIGTERM (the pod is being stopped): torchrun forwarded it to the ranks
+      and waited for them (up to ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` s, which should match the
+      pod's ``terminationGracePeriodSeconds``); torchrun itself would exit 1;
+    * a rank exited with :data:`EXIT_PREEMPTED` (another node was preempted and these ranks
+      stopped with it), and every other rank that failed did too or was ended by torchrun
+      itself (SIGTERM, then SIGKILL, to the ranks still running once one has exited);
+      torchrun would exit 1.
+
+    Anything else (success, errors, other signals) is torchrun's own outcome. Without
+    ``--shutdown_timeout`` or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, ranks get
+    :data:`SHUTDOWN_TIMEOUT_S` seconds after SIGTERM instead of torchrun's 30.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    try:
+        torchrun_main(argv)
+    except SignalException as e:
+        if e.sigval != signal.SIGTERM:
+            raise
+        print(f"rmjob-torchrun: SIGTERM: ranks stopped; exit status {EXIT_PREEMPTED} (preempted, retryable)",
+              file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except ChildFailedError as e:
+        exit_codes = {failure.exitcode for failure in e.failures.values()}
+        if EXIT_PREEMPTED not in exit_codes or not exit_codes <= {EXIT_PREEMPTED, *_ENDED_BY_TORCHRUN}:
+            raise
+        print(f"rmjob-torchrun: ranks stopped for a preemption; exit status {EXIT_PREEMPTED} (retryable)",
+              file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    return 0

@@ -39,7 +39,10 @@ this Python environment; image mode is described at the end):
   configMap and secret (their keys as files, ``items`` honoured), projected (serviceAccountToken:
   a real token from the TokenRequest API for the pod's ServiceAccount, bound to the pod;
   configMap ``kube-root-ca.crt``'s ``ca.crt``; downwardAPI fields), hostPath (the host path
-  itself). Anything else (a PVC, ...) fails the pod with one message naming it.
+  itself), persistentVolumeClaim (the host directory of the PersistentVolume the claim is bound
+  to, a ``hostPath`` or ``local`` one: the cluster has no provisioner, so a test creates the
+  PersistentVolume and Kubernetes binds the claim to it; the scheduler holds the pod until
+  then). Anything else fails the pod with one message naming it.
 - **Container paths.** Processes share the host's filesystem, so each ``volumeMounts[].mountPath``
   (``/etc/rmjob``, ``/output``, ``/cache``, the service-account directory, ...) is mapped to its
   volume's directory (plus ``subPath``) and every occurrence of a mount path as a whole path
@@ -63,7 +66,8 @@ this Python environment; image mode is described at the end):
   (``--rdzv-endpoint`` and ``--local-addr`` name hosts to connect to and advertise, not to bind).
 - **Status.** Running (Ready, containers running, podIP 127.0.0.1) once the processes start,
   then Succeeded when every container exits 0, else Failed, with each container's exit code
-  in ``state.terminated``. A pod being deleted has its processes stopped (SIGTERM, then
+  in ``state.terminated``; conditions others set (DisruptionTarget of an eviction) are kept, as
+  the kubelet's strategic-merge status patches keep them. A pod being deleted has its processes stopped (SIGTERM, then
   SIGKILL after its grace period) and is then removed, as the kubelet does. Init containers,
   probes, resource limits, security contexts, restarts and token refresh are not emulated.
 - **Runner death.** A watchdog process SIGKILLs the process groups of the runner's pods once
@@ -131,6 +135,7 @@ for group in groups:
 """
 HEARTBEAT_S = 10.0
 POLL_S = 0.5
+CLAIM_BIND_WAIT_S = 60
 LOCALHOST = "127.0.0.1"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
@@ -256,6 +261,9 @@ class _Pod:
                     path.mkdir(parents=True, exist_ok=True)
                 dirs[name] = path
                 continue
+            if "persistentVolumeClaim" in volume:
+                dirs[name] = self._claim_dir(volume["persistentVolumeClaim"]["claimName"])
+                continue
             path = self.dir / "volumes" / name
             path.mkdir(parents=True, exist_ok=True)
             if "configMap" in volume:
@@ -271,6 +279,34 @@ class _Pod:
                 raise PodUnsupported(f"volume {name!r} of type {kind} is not supported by the pod runner")
             dirs[name] = path
         return dirs
+
+    def _claim_dir(self, claim_name: str) -> Path:
+        """The host directory behind a claim: its bound PersistentVolume's hostPath or local path.
+
+        Like the kubelet, waits for the claim to be bound (up to CLAIM_BIND_WAIT_S): the
+        scheduler places a pod once the claim names its volume, before its status says Bound."""
+        deadline = time.monotonic() + CLAIM_BIND_WAIT_S
+        while True:
+            try:
+                claim = self.runner.api("GET", f"/api/v1/namespaces/{self.namespace}/persistentvolumeclaims/{claim_name}")
+            except ApiError as error:
+                raise PodUnsupported(f"persistentVolumeClaim {claim_name!r}: {error}") from None
+            volume_name = claim.get("spec", {}).get("volumeName")
+            if claim.get("status", {}).get("phase") == "Bound" and volume_name:
+                break
+            if time.monotonic() > deadline or self.stopping.wait(POLL_S):
+                raise PodUnsupported(f"persistentVolumeClaim {claim_name!r} is not bound to a PersistentVolume")
+        volume = self.runner.api("GET", f"/api/v1/persistentvolumes/{volume_name}")["spec"]
+        source = volume.get("hostPath") or volume.get("local")
+        if not source:
+            kind = next((k for k in ("csi", "nfs", "iscsi") if k in volume), "its type")
+            raise PodUnsupported(f"persistentVolumeClaim {claim_name!r}: PersistentVolume {volume_name} is "
+                                 f"{kind}; the pod runner mounts hostPath and local volumes only")
+        path = Path(source["path"])
+        if not path.is_dir():
+            raise PodUnsupported(f"persistentVolumeClaim {claim_name!r}: PersistentVolume {volume_name}'s "
+                                 f"directory {path} does not exist")
+        return path
 
     def _config_map(self, source: dict) -> dict[str, bytes]:
         try:
@@ -376,6 +412,9 @@ class _Pod:
                       if {"configMap", "secret", "projected"} & set(volumes[m["name"]])}
             mounts = {m["mountPath"]: copies.get(m["name"], volume_dirs[m["name"]]) / m.get("subPath", "")
                       for m in container.get("volumeMounts", [])}
+            for mount in container.get("volumeMounts", []):
+                if mount.get("subPath") and mount["name"] not in copies:  # created if missing, as the kubelet does
+                    (volume_dirs[mount["name"]] / mount["subPath"]).mkdir(parents=True, exist_ok=True)
             rewrite = make_rewriter(mounts, services, self.namespace)
             for name, copy in copies.items():
                 shutil.copytree(volume_dirs[name], copy)
@@ -807,9 +846,12 @@ class PodRunner:
         return response["status"]["token"]
 
     def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
+        """A strategic merge, as the kubelet's: conditions merge by type, so one set by others
+        (DisruptionTarget, from an eviction or preemption) is kept, and a Job's podFailurePolicy
+        sees it; a JSON merge patch would replace the whole list."""
         try:
             self.api("PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}/status", {"status": status},
-                     content_type="application/merge-patch+json")
+                     content_type="application/strategic-merge-patch+json")
         except (ApiError, OSError) as error:
             if not (isinstance(error, ApiError) and error.status == 404):  # deleted meanwhile
                 self.errors.append(str(error))

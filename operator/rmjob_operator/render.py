@@ -56,6 +56,13 @@ CACHE_ENV = {
     "WANDB_CONFIG_DIR": f"{CACHE_MOUNT_PATH}/wandb",
 }
 TRAIN_COMMAND = ["-m", "rmjob_trainer", "--config", f"{CONFIG_MOUNT_PATH}/{TRAINER_CONFIG_FILE}"]
+# torchrun (same arguments) whose exit status says "stopped for a preemption, checkpoint written":
+# torchrun's own is 1 for that as for an error (rmjob_trainer.preemption).
+LAUNCHER = "rmjob-torchrun"
+EXIT_PREEMPTED = 200  # rmjob_trainer.preemption.EXIT_PREEMPTED; the operator does not import the trainer's torch code
+# Exit codes of a trainer error (torchrun's 1 when a rank fails, argument errors): retrying
+# cannot help. 128 and above are signals (137 SIGKILL: OOM kill, a node lost): worth a retry.
+TRAINER_ERROR_EXIT_CODES = list(range(1, 128))
 # On a child the job must not own: the garbage collector would delete it with the job.
 RETAIN_ANNOTATION = "rmjob.dev/retain-on-delete"
 # torchrun gives its workers this long after SIGTERM before it SIGKILLs them (its own default
@@ -359,14 +366,14 @@ def _pytorchjob(body: dict[str, Any], spec: RewardModelJobSpec, image: str) -> d
     # Kubeflow sets PET_NNODES, PET_NPROC_PER_NODE and PET_NODE_RANK (read by torchrun) but the
     # master's address only as MASTER_ADDR/MASTER_PORT, which torchrun ignores; Kubernetes
     # expands $(VAR) in the command from the container's env.
-    command = ["torchrun", "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)", *TRAIN_COMMAND]
+    command = [LAUNCHER, "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)", *TRAIN_COMMAND]
     # Kubeflow reads the master's port from the container port of this name.
     template = _pod_template(body, spec, image=image, command=command, port_name="pytorchjob-port",
                              distributed_env=[], extra_pod_spec={})
-    # OnFailure: any failed pod is restarted, up to backoffLimit. Exit codes cannot tell a
-    # preempted trainer from a broken one: torchrun exits 1 for both (on SIGTERM, and whenever
-    # a worker fails, whatever the worker's code), which ExitCode would take as permanent.
-    replica = {"restartPolicy": "OnFailure", "template": template}
+    # ExitCode: errors of the trainer (exit 1-127) fail the job at once; a preempted trainer
+    # (EXIT_PREEMPTED, checkpoint written), signals and infrastructure failures (128+: OOM
+    # kill) restart pods up to backoffLimit, resuming from the newest checkpoint.
+    replica = {"restartPolicy": "ExitCode", "template": template}
     replicas = {"Master": {"replicas": 1, **replica}}
     if spec.resources.nodes > 1:
         replicas["Worker"] = {"replicas": spec.resources.nodes - 1, **copy.deepcopy(replica)}
@@ -429,7 +436,7 @@ def _indexed_job(body: dict[str, Any], spec: RewardModelJobSpec, image: str) -> 
         body,
         spec,
         image=image,
-        command=["torchrun", *TRAIN_COMMAND],
+        command=[LAUNCHER, *TRAIN_COMMAND],
         port_name="rendezvous",
         distributed_env=distributed_env,
         extra_pod_spec={"subdomain": name, "restartPolicy": "Never"},
@@ -440,14 +447,20 @@ def _indexed_job(body: dict[str, Any], spec: RewardModelJobSpec, image: str) -> 
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": policy.backoff_limit,
-        # A pod disrupted by the cluster (preemption, eviction, node drain) is replaced without
-        # using up backoffLimit; any other failure counts against it. Exit codes cannot tell a
-        # preempted trainer (SIGTERM from a plain pod deletion) from a broken one: torchrun exits
-        # 1 for both. With backoffLimit 0 (the default) the first failure fails the Job, which
-        # stops every pod; with more, a replaced pod resumes from the newest checkpoint.
+        # Gang semantics. torchrun's static rendezvous cannot take a replaced node back into a
+        # running group, so retrying one index (what a Job does by default) only leaves the
+        # others blocked until NCCL's timeout. So: a pod disrupted by the cluster (preemption,
+        # eviction, node drain) or stopped for a preemption (EXIT_PREEMPTED: every rank stops
+        # together, checkpoint written) is replaced without using up backoffLimit, and resumes;
+        # a trainer error fails the whole Job at once, which stops every pod; a pod killed by a
+        # signal (OOM kill, a lost node) counts against backoffLimit.
         "podFailurePolicy": {
             "rules": [
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {"action": "Ignore", "onExitCodes": {
+                    "containerName": CONTAINER_NAME, "operator": "In", "values": [EXIT_PREEMPTED]}},
+                {"action": "FailJob", "onExitCodes": {
+                    "containerName": CONTAINER_NAME, "operator": "In", "values": TRAINER_ERROR_EXIT_CODES}},
             ]
         },
         "suspend": policy.suspend,

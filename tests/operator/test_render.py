@@ -118,7 +118,8 @@ def test_pytorchjob_master_and_workers():
     assert workload["spec"]["nprocPerNode"] == "4"
     [container] = pod_spec(workload, "Worker")["containers"]
     assert container["name"] == "pytorch"
-    assert container["command"][:3] == ["torchrun", "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)"]
+    assert container["command"][:3] == ["rmjob-torchrun", "--master_addr=$(MASTER_ADDR)",
+                                        "--master_port=$(MASTER_PORT)"]
     assert container["command"][3:] == ["-m", "rmjob_trainer", "--config", "/etc/rmjob/trainer.yaml"]
     assert container["ports"][0]["name"] == "pytorchjob-port"
 
@@ -149,7 +150,7 @@ def test_indexed_job_and_headless_service():
     assert pod_spec(workload)["subdomain"] == service["metadata"]["name"]
     assert pod_spec(workload)["restartPolicy"] == "Never"  # required by podFailurePolicy
     [container] = pod_spec(workload)["containers"]
-    assert container["command"] == ["torchrun", "-m", "rmjob_trainer", "--config", "/etc/rmjob/trainer.yaml"]
+    assert container["command"] == ["rmjob-torchrun", "-m", "rmjob_trainer", "--config", "/etc/rmjob/trainer.yaml"]
 
 
 def test_job_backend_node_rank_and_rendezvous_env():
@@ -162,22 +163,52 @@ def test_job_backend_node_rank_and_rendezvous_env():
     assert env["PET_MASTER_PORT"]["value"] == "29500"
 
 
-def test_job_backend_retries_failed_pods_within_backoff_limit():
-    """torchrun exits 1 when SIGTERMed (a preempted pod deleted by hand) as for a trainer error:
-    no exit-code rule may fail the Job at once, or a preempted pod is never retried. Disruptions
-    the cluster marks are replaced without counting."""
+def job_outcome(rules: list[dict], exit_code: int, disrupted: bool = False) -> str:
+    """What a Job's podFailurePolicy does with a failed pod (the first matching rule)."""
+    for rule in rules:
+        if disrupted and rule.get("onPodConditions") == [{"type": "DisruptionTarget", "status": "True"}]:
+            return rule["action"]
+        codes = rule.get("onExitCodes")
+        if codes and (exit_code in codes["values"]) == (codes["operator"] == "In"):
+            return rule["action"]
+    return "Count"
+
+
+def test_job_backend_fails_the_gang_together_and_retries_preemptions():
     spec = with_changes(MINIMAL, runPolicy={"backoffLimit": 2, "activeDeadlineSeconds": 600,
                                             "ttlSecondsAfterFinished": 60, "suspend": True})
     workload = by_kind(render.render_children(job(spec), "job"))["Job"]["spec"]
     assert (workload["backoffLimit"], workload["activeDeadlineSeconds"]) == (2, 600)
     assert (workload["ttlSecondsAfterFinished"], workload["suspend"]) == (60, True)
-    assert workload["podFailurePolicy"]["rules"] == [
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    rules = workload["podFailurePolicy"]["rules"]
+    assert all(r["onExitCodes"]["containerName"] == "pytorch" for r in rules if "onExitCodes" in r)
+    assert all(len(r["onExitCodes"]["values"]) <= 255 for r in rules if "onExitCodes" in r)  # the API's limit
+    # Preempted (rmjob-torchrun's 200, checkpoint written) or disrupted by the cluster: replaced,
+    # not counted. A trainer error: the whole Job fails at once. A signal (OOM kill): counted.
+    from rmjob_trainer.preemption import EXIT_PREEMPTED
+
+    assert job_outcome(rules, EXIT_PREEMPTED) == "Ignore"
+    assert job_outcome(rules, 137, disrupted=True) == "Ignore"
+    assert [job_outcome(rules, code) for code in (1, 2, 127)] == ["FailJob"] * 3
+    assert [job_outcome(rules, code) for code in (137, 143)] == ["Count"] * 2
 
 
-def test_pytorchjob_restarts_failed_pods_within_backoff_limit():
+def test_pytorchjob_retries_only_what_is_not_a_trainer_error():
+    """Kubeflow's ExitCode policy: 1-127 permanent, 128-255 retried (rmjob-torchrun's 200 included)."""
     workload = by_kind(render.render_children(job(SPECS["three nodes"]), "pytorchjob"))["PyTorchJob"]["spec"]
-    assert {r["restartPolicy"] for r in workload["pytorchReplicaSpecs"].values()} == {"OnFailure"}
+    assert {r["restartPolicy"] for r in workload["pytorchReplicaSpecs"].values()} == {"ExitCode"}
+    from rmjob_trainer.preemption import EXIT_PREEMPTED
+
+    assert EXIT_PREEMPTED == render.EXIT_PREEMPTED and 128 <= EXIT_PREEMPTED <= 255
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+def test_pods_run_the_launcher_that_reports_preemption(backend):
+    import shutil
+
+    [container] = pod_spec(render.render_children(job(), backend)[-1])["containers"]
+    assert container["command"][0] == "rmjob-torchrun"
+    assert shutil.which("rmjob-torchrun") or (REPO / ".venv" / "bin" / "rmjob-torchrun").exists()
 
 
 @pytest.mark.parametrize("backend", ["pytorchjob", "job"])

@@ -80,3 +80,37 @@ clean:
 .PHONY: images
 images:
 	hack/images/build.sh
+
+# The operator's latency and its scale at 1,000 jobs against the local control plane (started
+# if needed; the operator as a process with the chart's RBAC): docs/benchmarks.md, "Operator".
+.PHONY: bench-operator
+bench-operator: install
+	$(PY) bench/operator_bench.py
+
+# The GPU check (bench/gpu_check.py; docs/benchmarks.md, "GPU check") on a GPU machine that has
+# torch, transformers and accelerate but no network: `make gpu-wheels` where PyPI is reachable
+# puts what else the trainer and TRL import (GPU_PACKAGES, at .venv's versions) into
+# build/gpu-wheels; carry that folder over; `make gpu-check` there installs them under build/
+# and runs the check on the working tree's trainer. Where they are importable already (this
+# .venv), nothing is installed. The trainer comes from trainer/ itself (PYTHONPATH), never a
+# wheel that could be older than the sources.
+GPU_WHEELS     := build/gpu-wheels
+GPU_SITE       := build/gpu-site
+GPU_PACKAGES   ?= datasets dill multiprocess trl
+GPU_PYTHON     ?= python3
+GPU_CHECK_OUT  ?= bench/results
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-wheels gpu-check
+gpu-wheels: install-python
+	rm -rf $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d $(GPU_WHEELS) $$($(PY) -c 'import importlib.metadata as m, sys; print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_PACKAGES))
+
+gpu-check:
+	@if ! $(GPU_PYTHON) -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(n) is None for n in sys.argv[1:]))' $(GPU_PACKAGES); then \
+	  if ! ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
+	    echo "error: $(GPU_PYTHON) lacks some of $(GPU_PACKAGES) and $(GPU_WHEELS) holds no wheels: run make gpu-wheels where PyPI is reachable and carry $(GPU_WHEELS)" >&2; exit 2; fi; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 2; \
+	fi
+	PYTHONPATH=$(CURDIR)/$(GPU_SITE):$(CURDIR)/trainer$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)

@@ -174,7 +174,7 @@ def reward_at_last_token(model: PreTrainedModel, input_ids: torch.Tensor, attent
     """
     attention_mask = attention_mask.bool()
     position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    backbone = getattr(model, model.base_model_prefix)
+    backbone = backbone_of(model)
     hidden = backbone(
         input_ids=input_ids,
         attention_mask=attention_mask.long(),
@@ -185,6 +185,15 @@ def reward_at_last_token(model: PreTrainedModel, input_ids: torch.Tensor, attent
     last = torch.where(attention_mask, columns, -1).max(1).values  # the last real token, either side
     last_hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
     return model.score(last_hidden).squeeze(-1)
+
+
+def backbone_of(model) -> nn.Module:
+    """The transformer under the score head. Through a LoRA ``PeftModel`` to the model it wraps:
+    on the ``PeftModel`` itself, the attribute named by ``base_model_prefix`` can be peft's own
+    (Llama's prefix is ``model``, which peft's ``LoraModel`` uses for the whole wrapped model)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
 
 
 class RewardModel(nn.Module):

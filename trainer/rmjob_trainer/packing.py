@@ -42,7 +42,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from rmjob_trainer.model import reward_at_last_token
+from rmjob_trainer.model import backbone_of, reward_at_last_token
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +62,15 @@ def collate_packed(sequences: list[list[int]]) -> dict:
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("collate_packed needs at least one sequence and no empty sequence")
     seq_lens = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    return packed_batch(torch.tensor([token for s in sequences for token in s], dtype=torch.long), seq_lens)
+
+
+def packed_batch(input_ids: torch.Tensor, seq_lens: torch.Tensor) -> dict:
+    """``collate_packed``'s batch from the concatenated token ids ``[total]`` and the lengths."""
     cu_seq_lens = F.pad(seq_lens.cumsum(0), (1, 0)).to(torch.int32)
-    input_ids = torch.tensor([token for s in sequences for token in s], dtype=torch.long)
     # position of token t = t - (start of its sequence)
     starts = torch.repeat_interleave(cu_seq_lens[:-1].long(), seq_lens)
-    position_ids = torch.arange(len(input_ids)) - starts
+    position_ids = torch.arange(len(input_ids), device=input_ids.device) - starts
     return {
         "input_ids": input_ids.unsqueeze(0),
         "position_ids": position_ids.unsqueeze(0),
@@ -84,8 +88,13 @@ def packed_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
     A model outside ``PACKED_FAMILIES`` is run on the same sequences right-padded instead.
     Raises ``ValueError`` for a model whose attention does not go through transformers'
     ``AttentionInterface`` (some remote-code models): it would ignore the sequence boundaries
-    and silently attend across the packed sequences.
+    and silently attend across the packed sequences. A batch from
+    ``prefix_sharing.collate_shared`` goes to ``prefix_sharing.shared_rewards``.
     """
+    if "prefix_segments" in batch:
+        from rmjob_trainer.prefix_sharing import shared_rewards
+
+        return shared_rewards(model, batch)
     if not model._supports_attention_backend:
         raise ValueError(f"padding_free: {type(model).__name__} does not use transformers' attention "
                          "interface, so packed sequences would attend to each other; set padding_free "
@@ -99,7 +108,7 @@ def packed_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(VARLEN_SDPA)
     cu_seq_lens = batch["cu_seq_lens"]
-    backbone = getattr(model, model.base_model_prefix)
+    backbone = backbone_of(model)
     hidden = backbone(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
@@ -168,6 +177,15 @@ def sdpa_varlen_attention(
     (scaling, causality, grouped-query heads, its slice of a position bias), plus a window
     mask when the layer has a ``sliding_window``.
     """
+    prefix_layout = kwargs.pop("prefix_layout", None)
+    if prefix_layout is not None:
+        from rmjob_trainer.prefix_sharing import shared_prefix_attention
+
+        if attention_mask is not None or query.shape[0] != 1 or position_bias is not None:
+            raise ValueError("prefix_sharing: a shared-prefix row is one row with no attention mask and no "
+                             "position bias")
+        return shared_prefix_attention(module, query, key, value, prefix_layout, sliding_window=sliding_window,
+                                       position_ids=position_ids, **kwargs)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     packed = attention_mask is None and query.shape[0] == 1 and key.shape[2] == query.shape[2]

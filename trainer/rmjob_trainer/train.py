@@ -77,11 +77,16 @@ class DataOrder:
         return {"seed": self.seed, "dataset_size": self.dataset_size, "epoch": epoch, "position": position}
 
 
-def collate(dataset, indices: list[int], pad_token_id: int, padding_free: bool, device) -> dict:
+def collate(dataset, indices: list[int], pad_token_id: int, padding_free: bool, device,
+            prefix_sharing: bool = False) -> dict:
     """Chosen then rejected sequences of ``indices``, for one forward pass."""
     rows = dataset[indices]
     sequences = rows[CHOSEN] + rows[REJECTED]
-    if padding_free:
+    if padding_free and prefix_sharing:
+        from rmjob_trainer.prefix_sharing import collate_shared
+
+        batch = collate_shared(rows[CHOSEN], rows[REJECTED])
+    elif padding_free:
         from rmjob_trainer.packing import collate_packed
 
         batch = collate_packed(sequences)
@@ -151,7 +156,7 @@ def score(engine, dataset, tokenizer, cfg: RewardConfig, d: Dist) -> tuple[torch
     sums, rows = torch.zeros(NUM_SUMS, device=d.device), []
     for chunk, weight in eval_shard(len(dataset), d.rank, d.world_size, cfg.per_device_eval_batch_size):
         chosen, rejected = engine.forward(collate(dataset, chunk, tokenizer.pad_token_id, cfg.padding_free,
-                                                  d.device)).chunk(2)
+                                                  d.device, cfg.prefix_sharing)).chunk(2)
         margin = None if margins is None else margins[chunk].to(d.device)
         sums += pair_sums(chosen, rejected, torch.tensor(weight, device=d.device), margin,
                           cfg.center_rewards_coefficient)
@@ -578,7 +583,8 @@ def _train(cfg: RewardConfig, sigterm: SigtermWatch) -> dict:
         sums = torch.zeros(NUM_SUMS, device=d.device)
         for micro_step in range(cfg.gradient_accumulation_steps):
             indices = order.micro_batch(step, micro_step, d.rank)
-            batch = collate(train_dataset, indices, tokenizer.pad_token_id, cfg.padding_free, d.device)
+            batch = collate(train_dataset, indices, tokenizer.pad_token_id, cfg.padding_free, d.device,
+                            cfg.prefix_sharing)
             chosen, rejected = engine.forward(batch).chunk(2)
             margin = None if train_margins is None else train_margins[indices].to(d.device)
             loss = pair_losses(chosen, rejected, margin, cfg.center_rewards_coefficient).mean()

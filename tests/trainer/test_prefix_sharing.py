@@ -1,0 +1,321 @@
+"""Prefix sharing gives the rewards and gradients of unshared packing (and of padded batches):
+edge cases, several pairs per row, sliding windows, gradient checkpointing, LoRA, DDP, the
+flash-attention layout, the fallbacks, and whole training runs."""
+
+import json
+
+import pytest
+import torch
+
+from rmjob_trainer.model import get_reward
+from rmjob_trainer.packing import VARLEN_SDPA, collate_packed, packed_rewards
+from rmjob_trainer.prefix_sharing import collate_shared, shared_prefix_attention, unshared
+
+from test_packing import FAMILIES, PAD, bt_loss, family_model, grads, padded, tiny_model
+
+ATOL = 1e-5
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+PROMPT = _ids(20, 0)  # longer than test_packing.WINDOW: windowed layers drop part of the prefix
+# (chosen, rejected) pairs packed into one row, every edge case among them
+PAIRS = {
+    "long shared prompt": (PROMPT + _ids(6, 1), PROMPT + _ids(9, 2)),
+    "no common prefix": (_ids(7, 3), [96] + _ids(4, 4)),
+    "chosen is a prefix of rejected": (PROMPT[:9], PROMPT[:9] + _ids(6, 5)),
+    "rejected is a prefix of chosen": (PROMPT + _ids(5, 6), PROMPT[:12]),
+    "identical": (PROMPT[:15], PROMPT[:15]),
+    "one token, identical": ([7], [7]),
+    "differ in the last token only": (PROMPT[:10] + [3], PROMPT[:10] + [4]),
+}
+
+
+def chosen_rejected(names=PAIRS) -> tuple[list[list[int]], list[list[int]]]:
+    pairs = [PAIRS[name] for name in names]
+    return [c for c, _ in pairs], [r for _, r in pairs]
+
+
+def test_collate_shared_layout():
+    batch = collate_shared([[1, 2, 3, 4], [5], [8, 9]], [[1, 2, 6], [5], [7]])
+    # pair 0: prefix [1 2] once, chosen suffix [3 4], rejected suffix [6] at positions 2..;
+    # pair 1: identical, no suffix; pair 2: no common prefix
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 6, 5, 8, 9, 7]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 0, 1, 0]]
+    assert batch["prefix_segments"] == [(0, 4, 0, 0), (4, 5, 0, 2), (5, 6, 5, 0), (6, 8, 6, 0), (8, 9, 6, 0)]
+    # chosen rewards at 3, 5, 7; rejected at 4, 5 (the identical pair: the prefix's last), 8
+    assert batch["reward_index"].tolist() == [3, 5, 7, 4, 5, 8]
+    assert batch["kv_index"].tolist() == [0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 8]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 4, 5, 6, 8, 9]
+    assert batch["cu_seq_lens_k"].tolist() == [0, 4, 7, 8, 10, 11]
+    assert batch["cu_seq_lens_q"].dtype == batch["cu_seq_lens_k"].dtype == torch.int32
+    assert (batch["max_length_q"], batch["max_length_k"]) == (4, 4)
+    back = unshared(batch)
+    want = collate_packed([[1, 2, 3, 4], [5], [8, 9], [1, 2, 6], [5], [7]])
+    assert back.keys() == want.keys()
+    for key, value in want.items():
+        assert (back[key].tolist() if torch.is_tensor(value) else back[key]) == \
+               (value.tolist() if torch.is_tensor(value) else value), key
+    with pytest.raises(ValueError, match="collate_shared"):
+        collate_shared([[1]], [[]])
+    with pytest.raises(ValueError, match="collate_shared"):
+        collate_shared([[1], [2]], [[1]])
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_shared_rewards_and_gradients_equal_unshared_and_padded(arch):
+    """All edge cases in one row; the reference is the unshared packed row and padded batches."""
+    model = tiny_model(arch, "sdpa")
+    chosen, rejected = chosen_rejected()
+    sequences = chosen + rejected
+
+    reference = get_reward(model, padded(sequences), PAD)
+    bt_loss(reference).backward()
+    padded_grads = grads(model)
+    packed = packed_rewards(model, collate_packed(sequences))
+    bt_loss(packed).backward()
+    packed_grads = grads(model)
+
+    batch = collate_shared(chosen, rejected)
+    assert batch["input_ids"].shape[1] < sum(map(len, sequences))  # something is shared
+    shared = packed_rewards(model, batch)
+    bt_loss(shared).backward()
+    shared_grads = grads(model)
+
+    assert model.config._attn_implementation == VARLEN_SDPA
+    torch.testing.assert_close(shared, packed, rtol=0, atol=ATOL)
+    torch.testing.assert_close(shared, reference, rtol=0, atol=ATOL)
+    assert shared_grads.keys() == packed_grads.keys() == padded_grads.keys() and len(shared_grads) > 0
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, packed_grads[name], rtol=1e-4, atol=ATOL, msg=name)
+        torch.testing.assert_close(grad, padded_grads[name], rtol=1e-4, atol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_each_edge_case_alone_equals_its_sequences_alone(name):
+    model = tiny_model("llama", "sdpa")
+    (chosen,), (rejected,) = chosen_rejected([name])
+    with torch.no_grad():
+        alone = torch.cat([get_reward(model, torch.tensor([s]), PAD) for s in (chosen, rejected)])
+        shared = packed_rewards(model, collate_shared([chosen], [rejected]))
+    torch.testing.assert_close(shared, alone, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_packed_family_with_sliding_windows(family):
+    """The rejected suffix's window reaches back into the shared prefix as far as in its own
+    sequence, no further."""
+    model = family_model(family)
+    chosen, rejected = chosen_rejected()
+    with torch.no_grad():
+        alone = torch.cat([get_reward(model, torch.tensor([s]), PAD) for s in chosen + rejected])
+        shared = packed_rewards(model, collate_shared(chosen, rejected))
+    torch.testing.assert_close(shared, alone, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_gradients_with_sliding_windows(family):
+    model = family_model(family)
+    chosen, rejected = chosen_rejected()
+    bt_loss(packed_rewards(model, collate_packed(chosen + rejected))).backward()
+    expected = grads(model)
+    bt_loss(packed_rewards(model, collate_shared(chosen, rejected))).backward()
+    got = grads(model)
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=ATOL, msg=name)
+
+
+def test_gradients_with_gradient_checkpointing():
+    """Recomputed layers get the layout again (it travels as a keyword argument)."""
+    model = tiny_model("gpt_neox", "sdpa")
+    chosen, rejected = chosen_rejected()
+    bt_loss(packed_rewards(model, collate_packed(chosen + rejected))).backward()
+    expected = grads(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    bt_loss(packed_rewards(model, collate_shared(chosen, rejected))).backward()
+    got = grads(model)
+    assert got.keys() == expected.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=ATOL, msg=name)
+
+
+def test_lora_gradients_equal_unshared(tiny_model_dir):
+    from rmjob_trainer.config import RewardConfig
+    from rmjob_trainer.model import add_lora
+
+    model = tiny_model("llama", "sdpa")
+    model = add_lora(model, RewardConfig(use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"]))
+    for name, parameter in model.named_parameters():  # B starts at 0: make the adapters do something
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    chosen, rejected = chosen_rejected()
+    unshared_rewards = packed_rewards(model, collate_packed(chosen + rejected))
+    bt_loss(unshared_rewards).backward()
+    expected = grads(model)
+    shared = packed_rewards(model, collate_shared(chosen, rejected))
+    bt_loss(shared).backward()
+    got = grads(model)
+    torch.testing.assert_close(shared, unshared_rewards, rtol=0, atol=ATOL)
+    assert got.keys() == expected.keys() and any("lora_A" in name for name in got)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=ATOL, msg=name)
+
+
+def _varlen_reference(query, key, value, attention_mask, query_length, is_causal, dropout=0.0,
+                      softmax_scale=None, sliding_window=None, softcap=None, cu_seq_lens_q=None,
+                      cu_seq_lens_k=None, max_length_q=None, max_length_k=None, attn_implementation=None, **kwargs):
+    """flash_attn_varlen_func's semantics ([1, tokens, heads, dim], causal aligned to the last key,
+    window (w-1, w-1)) for the call transformers' _flash_attention_forward makes, on CPU."""
+    assert attention_mask is None and is_causal and attn_implementation == "flash_attention_2" and not kwargs
+    assert query.shape[1] == query_length == cu_seq_lens_q[-1] and key.shape[1] == cu_seq_lens_k[-1]
+    q_lens, k_lens = cu_seq_lens_q.diff().tolist(), cu_seq_lens_k.diff().tolist()
+    assert (max(q_lens), max(k_lens)) == (max_length_q, max_length_k)
+    outputs = []
+    for q, k, v in zip(query[0].split(q_lens), key[0].split(k_lens), value[0].split(k_lens)):
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * softmax_scale
+        distance = torch.arange(len(k) - len(q), len(k))[:, None] - torch.arange(len(k))[None]
+        allowed = (distance >= 0) & (distance < (sliding_window or len(k)))
+        outputs.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v))
+    return torch.cat(outputs).unsqueeze(0)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_flash_varlen_layout_equals_per_segment_sdpa(family, monkeypatch):
+    """The GPU path's gathered keys and cu_seq_lens, run through a CPU stand-in for the varlen
+    kernel, give the per-segment SDPA rewards (grouped-query heads; Mistral: a window)."""
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    from rmjob_trainer import prefix_sharing
+
+    model = family_model(family)
+    chosen, rejected = chosen_rejected()
+    batch = collate_shared(chosen, rejected)
+    with torch.no_grad():
+        per_segment = packed_rewards(model, batch)
+        monkeypatch.setattr(prefix_sharing, "_flash_implementation", lambda model, device: "flash_attention_2")
+        monkeypatch.setattr(prefix_sharing, "_use_flash", lambda layout, query: layout.flash is not None)
+        monkeypatch.setattr(flash_utils, "_flash_attention_forward", _varlen_reference)
+        model.set_attn_implementation("sdpa")  # switched again, now choosing flash
+        flash = packed_rewards(model, batch)
+    assert model._rmjob_flash == "flash_attention_2"
+    torch.testing.assert_close(flash, per_segment, rtol=0, atol=ATOL)
+
+
+def test_non_causal_attention_is_refused():
+    class Bidirectional(torch.nn.Module):
+        is_causal = False
+
+    batch = collate_shared([[1, 2]], [[1, 3]])
+    layout = _layout(batch)
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="not causal"):
+        shared_prefix_attention(Bidirectional(), q, q, q, layout)
+
+
+def _layout(batch):
+    from rmjob_trainer.prefix_sharing import PrefixLayout
+
+    return PrefixLayout(batch["prefix_segments"], batch["kv_index"], batch["cu_seq_lens_q"],
+                        batch["cu_seq_lens_k"], batch["max_length_q"], batch["max_length_k"], None)
+
+
+def test_eager_models_fall_back_to_unshared_packing_with_one_warning(caplog):
+    model = tiny_model("llama", "eager")
+    chosen, rejected = chosen_rejected()
+    with torch.no_grad(), caplog.at_level("WARNING", logger="rmjob_trainer.prefix_sharing"):
+        want = packed_rewards(model, collate_packed(chosen + rejected))
+        got = packed_rewards(model, collate_shared(chosen, rejected))
+        packed_rewards(model, collate_shared(chosen, rejected))
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    assert model.config._attn_implementation == "eager"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rmjob_trainer.prefix_sharing"]
+    assert len(warnings) == 1 and "'eager'" in warnings[0] and "twice" in warnings[0]
+
+
+def test_unverified_families_get_padded_batches_and_no_interface_is_refused():
+    from transformers import AutoModelForSequenceClassification, Olmo2Config
+
+    config = Olmo2Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64, num_labels=1, pad_token_id=PAD)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    chosen, rejected = chosen_rejected()
+    with torch.no_grad():
+        alone = torch.cat([get_reward(model, torch.tensor([s]), PAD) for s in chosen + rejected])
+        got = packed_rewards(model, collate_shared(chosen, rejected))
+    torch.testing.assert_close(got, alone, rtol=0, atol=ATOL)
+    assert model.config._attn_implementation == "sdpa"
+
+    model = tiny_model("gpt_neox", "sdpa")
+    model._supports_attention_backend = False  # as for remote code with its own attention
+    with pytest.raises(ValueError, match="padding_free"):
+        packed_rewards(model, collate_shared(chosen, rejected))
+
+
+# --- whole runs -----------------------------------------------------------------------------
+def _train(tiny_model_dir, bundled_dataset_dir, output_dir, **overrides) -> dict:
+    from rmjob_trainer.config import RewardConfig
+    from rmjob_trainer.train import train
+
+    return train(RewardConfig(**{**dict(
+        dataset_mixer={str(bundled_dataset_dir): 1.0}, model_name_or_path=str(tiny_model_dir),
+        sanity_check=True, sanity_check_max_samples=200, per_device_train_batch_size=8,
+        per_device_eval_batch_size=50, learning_rate=2e-3, num_train_epochs=2, num_evals=2,
+        padding_free=True, output_dir=str(output_dir), run_name="prefix-sharing"), **overrides}))
+
+
+def test_training_with_prefix_sharing_matches_unshared(tiny_model_dir, bundled_dataset_dir, tmp_path):
+    """The whole loop (steps with accumulation, then eval) gives the unshared metrics."""
+    def run(prefix_sharing: bool) -> dict:
+        return _train(tiny_model_dir, bundled_dataset_dir, tmp_path / str(prefix_sharing), sanity_check_max_samples=32,
+                      per_device_train_batch_size=4, gradient_accumulation_steps=2, per_device_eval_batch_size=16,
+                      num_train_epochs=1, num_evals=1, prefix_sharing=prefix_sharing)
+
+    shared, plain = run(True), run(False)
+    keys = [k for k in plain if k.startswith(("train/rm/", "eval/rm/"))]
+    assert "eval/rm/loss" in keys and "train/rm/loss" in keys
+    assert {k: shared[k] for k in keys} == pytest.approx({k: plain[k] for k in keys}, rel=1e-4, abs=1e-5)
+
+
+def test_training_with_prefix_sharing_learns_the_bundled_data(tiny_model_dir, bundled_dataset_dir, tmp_path):
+    metrics = _train(tiny_model_dir, bundled_dataset_dir, tmp_path, prefix_sharing=True)
+    assert metrics["eval/rm/accuracy"] >= 0.9
+    assert metrics["eval/rm/loss"] < 0.4
+
+
+def test_bundled_pairs_do_share_a_prefix(tiny_model_dir, bundled_dataset_dir):
+    """Without a shared prefix the run above would prove nothing."""
+    from rmjob_trainer.config import RewardConfig
+    from rmjob_trainer.data import build_datasets
+    from rmjob_trainer.model import load_tokenizer
+    from rmjob_trainer.prefix_sharing import common_prefix_length
+    from rmjob_trainer.train import CHOSEN, REJECTED
+
+    cfg = RewardConfig(dataset_mixer={str(bundled_dataset_dir): 1.0}, model_name_or_path=str(tiny_model_dir),
+                       sanity_check=True, sanity_check_max_samples=50)
+    train_set, _ = build_datasets(cfg, load_tokenizer(cfg))
+    shared = [common_prefix_length(c, r) for c, r in zip(train_set[CHOSEN], train_set[REJECTED])]
+    assert min(shared) >= 3 and sum(shared) / len(shared) > 5
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("distributed")
+def test_ddp_with_prefix_sharing_matches_one_unshared_process(tiny_model_dir, bundled_dataset_dir, tmp_path):
+    from test_distributed import _flags, _losses, _run
+
+    _run(_flags(tiny_model_dir, bundled_dataset_dir, tmp_path / "one", grad_accum=2)
+         + ["--prefix_sharing", "false"], processes=1)
+    _run(_flags(tiny_model_dir, bundled_dataset_dir, tmp_path / "ddp", grad_accum=1)
+         + ["--prefix_sharing", "true"], processes=2)
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    got, want = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("ddp", "one"))
+    for key in ("eval/rm/accuracy", "eval/rm/loss", "eval/rm/chosen_rewards", "eval/rm/rejected_rewards"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+    assert got["settings"]["train_pairs"] == want["settings"]["train_pairs"]
+

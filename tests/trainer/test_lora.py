@@ -190,3 +190,112 @@ def test_two_process_lora_matches_one_process_and_saves_a_merged_model(
     reference = AutoModelForSequenceClassification.from_pretrained(single_process_lora_run)
     for (name, weight), (_, expected) in zip(merged.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(weight, expected, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
+def test_lora_on_a_llama_model_gives_the_merged_models_rewards(tiny_llama_no_pad_dir, padding_free):
+    # Llama's (Mistral's, Qwen's, ...) backbone attribute is named 'model', which on a PeftModel is
+    # peft's own attribute: the whole sequence-classification model.
+    import copy
+
+    from rmjob_trainer.model import RewardModel, get_reward, load_model, load_tokenizer, padded_batch
+    from rmjob_trainer.packing import collate_packed
+
+    cfg = RewardConfig(model_name_or_path=str(tiny_llama_no_pad_dir), use_peft=True, lora_r=LORA_R,
+                       padding_free=padding_free)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer)
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained-looking adapters (peft starts lora_B at 0, a no-op)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    sequences = [[5, 6, 7, 8, tokenizer.eos_token_id], [9, 10, tokenizer.eos_token_id]]
+    batch = collate_packed(sequences) if padding_free else padded_batch(sequences, tokenizer.pad_token_id)
+    with torch.no_grad():
+        trained = RewardModel(model, tokenizer.pad_token_id, padding_free)(batch)
+        evaluated = get_reward(model, **padded_batch(sequences, tokenizer.pad_token_id),
+                               pad_token_id=tokenizer.pad_token_id)  # the --eval_benchmark path
+        merged = copy.deepcopy(model).merge_and_unload()
+        plain = merged(**tokenizer.pad({"input_ids": sequences}, return_tensors="pt")).logits.squeeze(-1)
+    torch.testing.assert_close(trained, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(evaluated, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_all_linear_targets_every_linear_layer(tiny_model_dir):
+    # peft takes 'all-linear' only as the whole target value; the flag parses to a list of names.
+    from rmjob_trainer.cli import parse_args
+    from rmjob_trainer.model import load_model, load_tokenizer
+
+    cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--dataset_mixer", '{"d": 1.0}', "--use_peft",
+                      "--lora_r", str(LORA_R), "--lora_target_modules", "all-linear"])
+    assert cfg.lora_target_modules == ["all-linear"]
+    model = load_model(cfg, load_tokenizer(cfg))
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}  # all but the score head
+
+
+def test_merging_half_precision_weights_keeps_the_lora_update(tiny_model_dir, tmp_path):
+    # DeepSpeed bf16 holds the weights in bf16: W + BA rounded to bf16 loses much of an update that
+    # is small next to W. The merged model must give the rewards of the adapted weights it trained.
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    from rmjob_trainer.model import get_reward, load_model, load_tokenizer, padded_batch, save_merged
+
+    cfg = RewardConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=LORA_R,
+                       lora_target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = load_model(cfg, tokenizer)
+    with torch.no_grad():  # an update about 1% of the weights, as after a typical LoRA run
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.004)
+    model = model.to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(2, 700, (length,), generator=generator).tolist() + [tokenizer.eos_token_id]
+                 for length in (20, 45, 80, 120)]
+    batch = padded_batch(sequences, tokenizer.pad_token_id)
+    with torch.no_grad():
+        adapted = get_reward(copy.deepcopy(model).float(), pad_token_id=tokenizer.pad_token_id, **batch)
+        save_merged(model, tmp_path)
+        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        torch.testing.assert_close(get_reward(merged, pad_token_id=tokenizer.pad_token_id, **batch), adapted,
+                                   atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_adapter_of_a_resized_base_loads_with_the_documented_recipe(tiny_llama_no_pad_dir, tmp_path):
+    # A tokenizer without a pad token gets [PAD] and the embeddings grow: the adapter then carries
+    # the resized embedding matrix, and the base must be resized the same way before loading it
+    # (docs/training.md, LoRA).
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from rmjob_trainer.model import load_model, load_tokenizer, save_merged
+
+    cfg = RewardConfig(model_name_or_path=str(tiny_llama_no_pad_dir), use_peft=True, lora_r=LORA_R)
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = load_model(cfg, tokenizer)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    save_merged(model, tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama_no_pad_dir, num_labels=1)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # the base as it is does not take it
+        PeftModel.from_pretrained(base, tmp_path / "adapter")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama_no_pad_dir, num_labels=1)
+    base.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    batch = tokenizer.pad({"input_ids": [[5, 6, 7, 8, tokenizer.eos_token_id], [9, 10, tokenizer.eos_token_id]]},
+                          return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**batch).logits, merged(**batch).logits, atol=1e-5, rtol=1e-5)

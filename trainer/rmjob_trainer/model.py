@@ -118,9 +118,11 @@ def add_lora(model: PreTrainedModel, cfg: RewardConfig):
     below use it unchanged."""
     from peft import LoraConfig, TaskType, get_peft_model
 
+    targets = cfg.lora_target_modules
+    if targets == ["all-linear"]:  # peft takes it only as the whole value, not as a name in a list
+        targets = "all-linear"
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
-                      modules_to_save=["score"])
+                      lora_dropout=cfg.lora_dropout, target_modules=targets, modules_to_save=["score"])
     try:
         return get_peft_model(model, lora)
     except ValueError as e:  # no default targets for this architecture, or none of the names match
@@ -133,8 +135,15 @@ def add_lora(model: PreTrainedModel, cfg: RewardConfig):
 def save_merged(model, output_dir) -> None:
     """``output_dir``: a plain model (LoRA merged into the weights, the trained head in place of
     the original); ``output_dir/adapter``: the adapter alone. Merging rewrites ``model`` in place,
-    so this comes last."""
+    so this comes last.
+
+    Half-precision weights (DeepSpeed bf16/fp16 keeps the model in them) are merged and saved in
+    fp32, on the CPU: W + BA rounded back to bf16 loses much of an update that is small next to W
+    (about 5% of its effect on the rewards, measured on a tiny model). That costs 4 bytes per
+    parameter of host memory on this rank, for the moment of the save."""
     model.save_pretrained(Path(output_dir) / "adapter")
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+        model.to("cpu", torch.float32)
     model.merge_and_unload().save_pretrained(output_dir)
 
 

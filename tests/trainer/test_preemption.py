@@ -22,7 +22,8 @@ from rmjob_trainer.preemption import EXIT_PREEMPTED, Preempted
 
 RUN_TIMEOUT_S = 240
 # rmjob-torchrun as the console script runs it (the script itself is only in an installed venv).
-RMJOB_TORCHRUN = [sys.executable, "-c", "import sys; from rmjob_trainer.preemption import torchrun; sys.exit(torchrun())"]
+RMJOB_TORCHRUN = [sys.executable, "-c",
+                  "import sys; from rmjob_trainer.preemption import torchrun; sys.exit(torchrun())"]
 
 
 def _log(output_dir: Path) -> list[dict]:
@@ -102,6 +103,17 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_ends_as_uninterrupted(
     signal.signal(signal.SIGTERM, sigterm_action)
     assert train_module.train(cfg)["run_name"] == "first"
     assert signal.getsignal(signal.SIGTERM) == sigterm_action  # a run that finished gives it back
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_sigterm_in_the_last_step_finishes_the_run(uninterrupted, tiny_model_dir, bundled_dataset_dir, tmp_path,
+                                                   monkeypatch, sigterm_action):
+    """Nothing is left to resume after the last step: the run writes its outputs and returns."""
+    from rmjob_trainer import train as train_module
+
+    monkeypatch.setattr(train_module.DataOrder, "micro_batch", _sigterm_during_step(8))
+    train_module.train(_config(tiny_model_dir, bundled_dataset_dir, tmp_path, num_evals=2, checkpointing_steps=None))
+    assert not (tmp_path / "checkpoints").exists()
     assert_same_run(tmp_path, uninterrupted)
 
 

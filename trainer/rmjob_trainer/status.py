@@ -104,7 +104,8 @@ class StatusReporter:
         if api:
             return cls(Configuration(host=api.rstrip("/")), namespace, name, min_interval=min_interval)
         try:
-            configuration = _in_cluster_configuration(os.environ.get("RMJOB_SERVICE_ACCOUNT_DIR") or SERVICE_ACCOUNT_DIR)
+            account_dir = os.environ.get("RMJOB_SERVICE_ACCOUNT_DIR") or SERVICE_ACCOUNT_DIR
+            configuration = _in_cluster_configuration(account_dir)
         except ConfigException as e:
             logger.warning("RMJOB_JOB_NAME is set but no Kubernetes API is reachable (%s); status reports are off", e)
             return None
@@ -146,8 +147,9 @@ class ReportSender:
         self.reporter = reporter
         self._pending: tuple[dict, bool] | None = None
         self._busy = False
+        self._closed = False
         self._changed = threading.Condition()
-        threading.Thread(target=self._send_forever, name="rmjob-status", daemon=True).start()
+        threading.Thread(target=self._send_until_closed, name="rmjob-status", daemon=True).start()
 
     def report(self, training: dict, force: bool = False) -> None:
         """Queue ``training`` (replacing a report not yet sent) and return at once."""
@@ -159,9 +161,12 @@ class ReportSender:
 
     def close(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the queued report to be sent; whether it was. The
-        thread is a daemon: a report still in flight afterwards does not keep the process alive."""
+        thread ends once it has nothing left to send; it is a daemon: a report still in flight
+        afterwards does not keep the process alive."""
         deadline = time.monotonic() + timeout
         with self._changed:
+            self._closed = True
+            self._changed.notify_all()
             while self._pending is not None or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -169,10 +174,12 @@ class ReportSender:
                 self._changed.wait(left)
         return True
 
-    def _send_forever(self) -> None:
+    def _send_until_closed(self) -> None:
         while True:
             with self._changed:
                 while self._pending is None:
+                    if self._closed:
+                        return
                     self._changed.wait()
                 (training, force), self._pending, self._busy = self._pending, None, True
             try:

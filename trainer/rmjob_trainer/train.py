@@ -565,7 +565,7 @@ def _train(cfg: RewardConfig, sigterm: SigtermWatch) -> dict:
         engine.close()
         leave_distributed()
         if d.is_main:
-            saved = f"checkpoint step_{checkpointed} written" if checkpointed else "before any step"
+            saved = f"checkpoint step_{checkpointed} written" if checkpointed else "no step taken: nothing to save"
             print(f"SIGTERM: stopped ({saved}); exit status {EXIT_PREEMPTED}: the same command resumes the run",
                   flush=True)
         raise Preempted(checkpointed)

@@ -372,3 +372,19 @@ def test_model_rewards_equal_unpadded_ones_when_the_text_holds_the_pad_token(tin
         unpadded = [model(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s))).logits[0, 0].item()
                     for s in sequences]
     assert got == pytest.approx(unpadded, abs=1e-5)
+
+
+def test_a_lora_adapter_folder_is_one_error_line_naming_the_merged_model(tiny_llama_no_pad_dir, v1_file, tmp_path):
+    # output_dir/adapter of a LoRA run, with a tokenizer copied beside it: transformers would load the
+    # base and fail on the grown embeddings with a traceback.
+    from rmjob_trainer.config import RewardConfig
+    from rmjob_trainer.model import load_model, load_tokenizer, save_merged
+
+    cfg = RewardConfig(model_name_or_path=str(tiny_llama_no_pad_dir), use_peft=True, lora_r=4)
+    tokenizer = load_tokenizer(cfg)
+    save_merged(load_model(cfg, tokenizer), tmp_path / "run")
+    tokenizer.save_pretrained(tmp_path / "run" / "adapter")
+    result = run_evaluate("--model_name_or_path", str(tmp_path / "run" / "adapter"), "--dataset", str(v1_file))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert result.stderr == (f"error: --model_name_or_path: {tmp_path / 'run' / 'adapter'} holds a LoRA adapter, "
+                             f"not a reward model; evaluate the merged model in {tmp_path / 'run'}\n")

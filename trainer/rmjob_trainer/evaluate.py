@@ -622,6 +622,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_adapter_folder(model_dir: Path) -> None:
+    """A LoRA run's ``output_dir/adapter`` is not a reward model: transformers would load the
+    adapter's base on its own, without a [PAD] row the trainer may have added, and fail with a
+    traceback."""
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        merged = model_dir.parent
+        hint = (f"evaluate the merged model in {merged}" if (merged / "config.json").is_file()
+                else "merge it into its base model first (peft's merge_and_unload)")
+        raise ConfigError(f"--model_name_or_path: {model_dir} holds a LoRA adapter, not a reward model; {hint}")
+
+
 def _load_model(path: str, dtype: str, device: str):
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -647,6 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--batch_size: must be >= 1, got {args.batch_size}")
         if not Path(args.model_name_or_path).is_dir():
             raise ConfigError(f"--model_name_or_path: {args.model_name_or_path} is not a local folder")
+        _refuse_adapter_folder(Path(args.model_name_or_path))
         import datasets
 
         datasets.disable_progress_bars()  # stderr is for the one error line

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from rmjob_trainer import DataError
 from rmjob_trainer.config import RewardConfig
-from rmjob_trainer.data import HH_RLHF, PLAIN_TEXT, build_datasets, load_mixture
+from rmjob_trainer.data import HH_RLHF, HH_RLHF_PROMPT, PLAIN_TEXT, build_datasets, load_mixture
 
 PAIRS = 200  # as tests/trainer/test_train.py: 2 epochs of 25 steps of 8 pairs
 
@@ -75,6 +75,23 @@ def test_hh_rlhf_strings_become_chat_messages(tiny_model_dir, tmp_path):
                                                    num_evals=0, num_proc=1), tokenizer)
     assert tokenizer.decode(train_dataset[0]["input_ids_chosen"]) == tokenizer.apply_chat_template(
         row["chosen"], tokenize=False)
+
+
+def test_hh_rlhf_prompt_column_with_completions_becomes_chat_messages(tmp_path, capsys):
+    # Dahoas/rm-static's and full-hh-rlhf's layout: the turns in `prompt`, the replies alone.
+    prompt = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant:"
+    path = _write_jsonl(tmp_path / "hh_prompt.jsonl", [
+        {"prompt": prompt, "chosen": " Fine, thanks.", "rejected": " Go away."},
+        {"prompt": prompt, "chosen": " Fine.\n\nHuman: And you?", "rejected": " Go away."}])
+    raw = _write_jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": prompt + " Fine, thanks.", "rejected": prompt + " Go away."}])
+    (row,) = load_mixture({path: 1.0}, ["train"]).to_list()
+    assert row == load_mixture({raw: 1.0}, ["train"]).to_list()[0]
+    assert row["chosen"][0] == {"content": "Hi there", "role": "user"}
+    assert f"{path}[train]: format {HH_RLHF_PROMPT}" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"row 1: chosen is an hh-rlhf conversation that does not end with an "
+                                        r"'Assistant:' turn"):
+        load_mixture({path: 1.0}, ["train"], invalid_rows="error")
 
 
 def test_plain_text_is_tokenized_raw_with_eos_like_trl(tiny_model_dir, tmp_path):

@@ -10,9 +10,10 @@ these differences:
 * rows whose ``chosen``/``rejected`` is missing, empty or ill-typed are reported by index and
   dropped (or rejected with ``--invalid_rows error``) instead of crashing tokenization;
 * plain-string ``chosen``/``rejected`` with a ``prompt`` column, trl's explicit-prompt format
-  (``prompt`` as a message list), raw Anthropic/hh-rlhf strings (parsed into messages) and trl's
-  plain-text format (raw text, EOS appended, no chat template) are accepted besides trl-style
-  message lists; the format is detected per row and reported per dataset, and a row whose
+  (``prompt`` as a message list), raw Anthropic/hh-rlhf strings (parsed into messages, also when
+  the turns are in ``prompt`` and the replies alone in ``chosen``/``rejected``, as in
+  Dahoas/rm-static) and trl's plain-text format (raw text, EOS appended, no chat template) are
+  accepted besides trl-style message lists; the format is detected per row and reported per dataset, and a row whose
   ``chosen`` and ``rejected`` differ in format is invalid;
 * an optional numeric ``margin`` column (trl's) is kept for the loss;
 * a mixer value of ``1`` means the whole split (see ``cli._to_mixer``);
@@ -174,6 +175,7 @@ CONVERSATIONAL = "conversational (chosen/rejected message lists)"
 EXPLICIT_PROMPT = "conversational with explicit prompt (prompt message list)"
 PROMPT_COMPLETION = "prompt string + chosen/rejected strings"
 HH_RLHF = "hh-rlhf (raw '\\n\\nHuman: ... \\n\\nAssistant: ...' strings)"
+HH_RLHF_PROMPT = "hh-rlhf prompt ('\\n\\nHuman: ... \\n\\nAssistant:' string) + chosen/rejected completion strings"
 PLAIN_TEXT = "plain text (implicit prompt, no chat template)"
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -194,6 +196,10 @@ def _hh_messages(value: str) -> tuple[list[dict] | None, str]:
     return messages, ""
 
 
+def _has_hh_turns(text: str) -> bool:
+    return bool(re.match(r"\s*Human:", text) and _HH_TURN.search("\n\n" + text.lstrip()))
+
+
 def _cell_format(value: Any, prompt: Any) -> str | None:
     """The format a chosen/rejected cell is written in (None: not a string or a list)."""
     if isinstance(prompt, list) and isinstance(value, (str, list)):
@@ -203,8 +209,8 @@ def _cell_format(value: Any, prompt: Any) -> str | None:
     if not isinstance(value, str):
         return None
     if isinstance(prompt, str) and prompt.strip():
-        return PROMPT_COMPLETION
-    return HH_RLHF if re.match(r"\s*Human:", value) and _HH_TURN.search("\n\n" + value.lstrip()) else PLAIN_TEXT
+        return HH_RLHF_PROMPT if _has_hh_turns(prompt) else PROMPT_COMPLETION
+    return HH_RLHF if _has_hh_turns(value) else PLAIN_TEXT
 
 
 def _as_messages(value: Any, prompt: Any, form: str | None) -> tuple[list[dict] | None, str]:
@@ -217,6 +223,8 @@ def _as_messages(value: Any, prompt: Any, form: str | None) -> tuple[list[dict] 
             return None, "empty"
         if form == HH_RLHF:
             return _hh_messages(value)
+        if form == HH_RLHF_PROMPT:  # the prompt ends with "\n\nAssistant:", the reply completes it
+            return _hh_messages(prompt + value)
         if form == PROMPT_COMPLETION:
             return [{"content": prompt, "role": "user"}, {"content": value, "role": "assistant"}], ""
         value = [{"content": value, "role": "assistant"}]

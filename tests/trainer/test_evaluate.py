@@ -313,6 +313,8 @@ def _bad_inputs(tmp_path):
                           "row 1: 'chosen' is a list, but the file is RewardBench v1"),
         "null cell": (write_jsonl(tmp_path / "null.jsonl", ok_v1 + [{**ok_v1[0], "rejected": None}]), (),
                       "row 1: 'rejected' is null"),
+        "number subset": (write_jsonl(tmp_path / "number.jsonl", ok_v1 + [{**ok_v1[0], "subset": 3}]), (),
+                          "row 1: 'subset' must be a string, got an int"),
         "ties without id": (write_jsonl(tmp_path / "ties.jsonl", [v2_row("Ties", [1, 2], [0])]), (),
                             "row 0: a Ties row needs an 'id' of the form ref:N or tied:N"),
         "ties duplicate id": (write_jsonl(tmp_path / "ties_twice.jsonl", [
@@ -325,7 +327,7 @@ def _bad_inputs(tmp_path):
 
 
 BAD_INPUT_CASES = ["missing column", "unknown format", "empty file", "no rows", "nonexistent path",
-                   "unknown file type", "plain folder", "mixed formats", "null cell", "ties without id",
+                   "unknown file type", "plain folder", "mixed formats", "null cell", "number subset", "ties without id",
                    "ties duplicate id", "bad section map", "unknown template"]
 
 

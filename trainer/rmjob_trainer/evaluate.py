@@ -81,12 +81,15 @@ def _fail_row(path: str, index: int, why: str) -> NoReturn:
 
 
 def _type_name(value: Any) -> str:
-    return "null" if value is None else "a list" if isinstance(value, list) else f"a {type(value).__name__}"
+    if value is None:
+        return "null"
+    name = "list" if isinstance(value, list) else type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _describe(value: Any) -> str:
     if isinstance(value, list) and value:
-        return f"a list of {_type_name(value[0]).removeprefix('a ')}s"
+        return f"a list of {_type_name(value[0]).split(' ')[-1]}s"
     return "an empty list" if value == [] else _type_name(value)
 
 

@@ -192,3 +192,33 @@ def test_several_nodes_on_an_existing_read_write_once_claim_are_refused(kubectl,
     assert status["message"] == ("spec.storage.existingClaim: PersistentVolumeClaim team is ReadWriteOnce; with "
                                  "nodes > 1 it must be ReadWriteMany (every node writes and reads checkpoints)")
     assert get_or_none(kubectl, "job", "rm-rwo", "-n", namespace) is None
+
+
+@pytest.mark.timeout(240)
+def test_an_evicted_pod_keeps_its_disruption_condition_so_the_job_replaces_it(kubectl, namespace, pod_runner,
+                                                                              tmp_path):
+    """The pod runner's status writes must keep the DisruptionTarget condition an eviction sets
+    (a kubelet's strategic merge does): without it the Job counts an evicted trainer as failed.
+    The first pod exits 1 on SIGTERM, the replacement finds the marker and exits 0."""
+    marker = tmp_path / "first-pod-ran"
+    script = f"if [ -e {marker} ]; then exit 0; fi; touch {marker}; trap 'exit 1' TERM; while true; do sleep 0.2; done"
+    kubectl("create", "-f", "-", input=json.dumps({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "evicted", "namespace": namespace},
+        "spec": {"backoffLimit": 0, "podFailurePolicy": {"rules": [
+                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
+                 "template": {"spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 10,
+                                       "containers": [{"name": "c", "image": "none", "command": ["sh", "-c", script]}]}}}}))
+    pod = wait_until(lambda: next((p for p in get_json(kubectl, "pods", "-n", namespace, "-l", "job-name=evicted")["items"]
+                                   if p["status"].get("phase") == "Running"), None), 120, "the first pod running")
+    wait_until(marker.exists, 30, "the first pod's marker")
+    name = pod["metadata"]["name"]
+    kubectl("create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{name}/eviction", "-f", "-",
+            input=json.dumps({"apiVersion": "policy/v1", "kind": "Eviction",
+                              "metadata": {"name": name, "namespace": namespace}}))
+
+    def finished():
+        conditions = get_json(kubectl, "job", "evicted", "-n", namespace)["status"].get("conditions") or []
+        return next((c["type"] for c in conditions if c["type"] in ("Complete", "Failed") and c["status"] == "True"),
+                    None)
+
+    assert wait_until(finished, 180, "the Job to finish") == "Complete", pod_runner.errors

@@ -390,3 +390,25 @@ def test_a_lora_adapter_folder_is_one_error_line_naming_the_merged_model(tiny_ll
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
     assert result.stderr == (f"error: --model_name_or_path: {tmp_path / 'run' / 'adapter'} holds a LoRA adapter, "
                              f"not a reward model; evaluate the merged model in {tmp_path / 'run'}\n")
+
+
+def test_model_rewards_with_a_tokenizer_without_pad_token(tiny_llama_no_pad_dir):
+    # From Python, a tokenizer as loaded (Llama style, no pad token): padding needs no pad id.
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rmjob_trainer.chat_templates import CHAT_TEMPLATES
+    from rmjob_trainer.evaluate import model_reward_fn
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_no_pad_dir)
+    assert tokenizer.pad_token_id is None
+    tokenizer.chat_template = CHAT_TEMPLATES["simple_chat"]
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_no_pad_dir, num_labels=1).eval()
+    conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                     for p, r in zip(PROMPTS * 2, REPLIES)]
+    got = model_reward_fn(model, tokenizer, batch_size=4)(conversations)
+    with torch.no_grad():
+        unpadded = [model(input_ids=torch.tensor([s])).logits[0, 0].item()
+                    for s in tokenizer.apply_chat_template(conversations, return_dict=False)]
+    assert got == pytest.approx(unpadded, abs=1e-5)

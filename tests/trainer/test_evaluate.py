@@ -318,7 +318,8 @@ def _bad_inputs(tmp_path):
         "ties without id": (write_jsonl(tmp_path / "ties.jsonl", [v2_row("Ties", [1, 2], [0])]), (),
                             "row 0: a Ties row needs an 'id' of the form ref:N or tied:N"),
         "ties duplicate id": (write_jsonl(tmp_path / "ties_twice.jsonl", [
-            v2_row("Ties", [1], [0], "ref:3"), v2_row("Ties", [2, 2], [0], "tied:3"), v2_row("Ties", [5], [9], "ref:03")]),
+            v2_row("Ties", [1], [0], "ref:3"), v2_row("Ties", [2, 2], [0], "tied:3"),
+            v2_row("Ties", [5], [9], "ref:03")]),
             (), "row 2: Ties id 'ref:03' is prompt 3's ref row again (row 0)"),
         "bad section map": (tmp_path / "ok.jsonl", ("--section_map", str(tmp_path / "bad_sections.json")),
                             "section 'S' must map to a list of subset names"),
@@ -327,8 +328,8 @@ def _bad_inputs(tmp_path):
 
 
 BAD_INPUT_CASES = ["missing column", "unknown format", "empty file", "no rows", "nonexistent path",
-                   "unknown file type", "plain folder", "mixed formats", "null cell", "number subset", "ties without id",
-                   "ties duplicate id", "bad section map", "unknown template"]
+                   "unknown file type", "plain folder", "mixed formats", "null cell", "number subset",
+                   "ties without id", "ties duplicate id", "bad section map", "unknown template"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)

@@ -165,6 +165,37 @@ def workload_status_patch(owner: dict, kind: str, workload_status: dict | None, 
     return patch
 
 
+# The Failed reason of a job whose workload went away before it finished.
+WORKLOAD_LOST = "WorkloadLost"
+
+
+def workload_gone_patch(owner: dict, kind: str, name: str, last_status: dict | None, now: str) -> dict:
+    """The ``status`` fields for a job whose workload (``kind`` ``name``) no longer exists.
+
+    ``last_status`` is the workload's status in its deletion event, or None when the workload
+    was found missing (deleted while the operator was not watching). A job that finished, or
+    that is being deleted itself (foreground deletion removes the children first), is left
+    alone: a finished workload removed by its TTL changes nothing. A workload whose last status
+    says it finished (removed by its TTL before that change was seen) reports its outcome.
+    Anything else was lost mid-run: Failed, reason ``WorkloadLost``; the job is never given a
+    new workload, since a second one would train again from the start.
+    """
+    status = owner.get("status") or {}
+    recorded = status.get("workload")
+    if owner.get("metadata", {}).get("deletionTimestamp") or status.get("phase") in TERMINAL_PHASES:
+        return {}
+    if recorded and (recorded.get("kind"), recorded.get("name")) != (kind, name):
+        return {}  # not the workload this job runs
+    if last_status is not None and workload_state(kind, last_status).phase in TERMINAL_PHASES:
+        return workload_status_patch(owner, kind, last_status, now)
+    how = "was deleted" if last_status is not None else \
+        "is gone (deleted, or finished and removed by its TTL while the operator was not watching)"
+    message = f"{kind} {name} {how} before the job finished; create a new RewardModelJob to train again"
+    generation = status.get("observedGeneration")
+    conditions = phase_conditions(status.get("conditions") or [], FAILED, WORKLOAD_LOST, message, generation, now)
+    return {"phase": FAILED, "message": message, "conditions": conditions, "completionTime": now}
+
+
 def pod_creation_failed_patch(owner: dict, kind: str, message: str, now: str) -> dict:
     """The ``status`` fields for a workload of ``kind`` whose controller reports that it cannot
     create pods (``message``: the event's, e.g. the admission error). A job that is running or

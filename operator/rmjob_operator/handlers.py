@@ -17,7 +17,7 @@ with the job, even while the operator is down.
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +25,7 @@ import random
 import time
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any
 
 import aiohttp
@@ -97,7 +97,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.field_selectors["", "events"] = EVENTS_FIELD_SELECTOR
     memo.kube = KubeApi()
     # Per-job locks: the workload watcher and the spec handlers both rewrite status.conditions.
-    memo.status_locks = collections.defaultdict(asyncio.Lock)
+    memo.status_locks = JobLocks()
 
 
 @kopf.on.login()
@@ -120,6 +120,31 @@ async def login(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
 
 
 # --- small helpers ---------------------------------------------------------------------
+
+
+class JobLocks:
+    """One asyncio lock per job, kept only while a write holds or awaits it: an operator that
+    sees jobs created and deleted all day must not keep a lock for each one it ever saw."""
+
+    def __init__(self) -> None:
+        self._held: dict[Hashable, tuple[asyncio.Lock, int]] = {}  # key -> (lock, holders and waiters)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._held.get(key, (asyncio.Lock(), 0))
+        self._held[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._held[key]
+            if users == 1:
+                del self._held[key]
+            else:
+                self._held[key] = (lock, users - 1)
 
 
 def status_path(namespace: str, name: str) -> str:
@@ -208,7 +233,7 @@ async def update_status(memo: kopf.Memo, namespace: str, name: str, compute: Cal
     under the same name is another object). Returns the patch (empty when nothing changed or
     the job is gone). Emits an Event when the phase changes.
     """
-    async with memo.status_locks[namespace, name]:
+    async with memo.status_locks.hold((namespace, name)):
         conflicts = 0
         delays = iter(TRANSIENT_RETRY_DELAYS)
         while True:
@@ -316,6 +341,16 @@ async def sync_from_workload(memo: kopf.Memo, namespace: str, name: str, uid: st
     return await update_status(
         memo, namespace, name,
         lambda owner: cond.workload_status_patch(owner, workload["kind"], workload.get("status"), now),
+        uid=uid,
+    )
+
+
+async def workload_gone(memo: kopf.Memo, namespace: str, name: str, uid: str, kind: str, workload_name: str,
+                        last_status: dict | None) -> dict:
+    now = cond.now_iso()
+    return await update_status(
+        memo, namespace, name,
+        lambda owner: cond.workload_gone_patch(owner, kind, workload_name, last_status, now),
         uid=uid,
     )
 
@@ -436,6 +471,8 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **
     workload = await memo.kube.get(path)
     if workload is not None and is_ours(workload, body):  # on resume it may have moved on meanwhile
         await sync_from_workload(memo, namespace, name, meta["uid"], workload)
+    else:  # deleted (or replaced by another object) while the operator was not watching
+        await workload_gone(memo, namespace, name, meta["uid"], workload_ref["kind"], workload_ref["name"], None)
 
 
 # --- workload -> status ----------------------------------------------------------------
@@ -445,14 +482,17 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **
 @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
 @metrics.instrumented("workload_changed")
 async def workload_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    if event["type"] == "DELETED":
-        return  # deleted with its job (GC), or by hand: the job keeps its last known phase
     owners = [ref for ref in body.metadata.get("ownerReferences") or []
               if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION]
     if not owners:
         return  # labelled like ours, but not created by this operator
     # By uid: a late event of a deleted job's workload must not reach its same-name successor.
-    await sync_from_workload(memo, body.metadata.namespace, owners[0]["name"], owners[0]["uid"], dict(body))
+    namespace, owner = body.metadata.namespace, owners[0]
+    if event["type"] == "DELETED":  # by hand, by its TTL, or with its job (which is then gone)
+        await workload_gone(memo, namespace, owner["name"], owner["uid"], body["kind"], body.metadata.name,
+                            dict(body.get("status") or {}))
+        return
+    await sync_from_workload(memo, namespace, owner["name"], owner["uid"], dict(body))
 
 
 @kopf.on.event("", "v1", "events")

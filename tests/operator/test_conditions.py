@@ -114,3 +114,52 @@ def test_finished_job_without_seen_running_clears_pod_creation_failed() -> None:
     by_type = {c["type"]: c["status"] for c in done["conditions"]}
     assert done["phase"] == "Succeeded"
     assert by_type == {"PodCreationFailed": "False", "Succeeded": "True"}
+
+
+def running_job(phase: str = "Running", **metadata: object) -> dict:
+    job = owner(phase, [{"type": "Running", "status": "True", "reason": "PodsReady", "message": "",
+                         "lastTransitionTime": T0}])
+    job["status"]["workload"] = {"apiVersion": "batch/v1", "kind": "Job", "name": "rm"}
+    job["metadata"] = dict(metadata)
+    return job
+
+
+@pytest.mark.parametrize("last_status", [{"active": 2, "ready": 2}, {}, None])
+def test_a_workload_gone_before_it_finished_fails_the_job_as_lost(last_status: dict | None) -> None:
+    patch = cond.workload_gone_patch(running_job(), "Job", "rm", last_status, T1)
+    assert patch["phase"] == "Failed" and patch["completionTime"] == T1
+    by_type = {c["type"]: (c["status"], c["reason"]) for c in patch["conditions"]}
+    assert by_type == {"Running": ("False", "NotRunning"), "Failed": ("True", "WorkloadLost")}
+    assert patch["message"].startswith("Job rm ")
+    assert ("was deleted" in patch["message"]) == (last_status is not None)
+
+
+@pytest.mark.parametrize("phase", ["Pending", "Suspended"])
+def test_a_job_that_never_ran_is_lost_too(phase: str) -> None:
+    assert cond.workload_gone_patch(running_job(phase), "Job", "rm", {}, T1)["phase"] == "Failed"
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_a_finished_job_keeps_its_outcome_when_its_workload_goes(phase: str) -> None:
+    """The TTL controller removes a finished workload: nothing changes, nothing runs again."""
+    assert cond.workload_gone_patch(running_job(phase), "Job", "rm", job_conditions("Complete"), T1) == {}
+    assert cond.workload_gone_patch(running_job(phase), "Job", "rm", None, T1) == {}
+
+
+@pytest.mark.parametrize(("last", "phase", "reason"), [
+    (job_conditions("Complete", succeeded=1), "Succeeded", "RComplete"),
+    (job_conditions("FailureTarget", "Failed", failed=1), "Failed", "RFailed"),
+])
+def test_a_workload_removed_before_its_outcome_was_seen_reports_the_outcome(last: dict, phase: str,
+                                                                           reason: str) -> None:
+    """ttlSecondsAfterFinished: 0 deletes the Job as it finishes; the watch may deliver only the
+    deletion, whose object holds the final status."""
+    patch = cond.workload_gone_patch(running_job(), "Job", "rm", last, T1)
+    assert patch["phase"] == phase
+    assert next(c for c in patch["conditions"] if c["type"] == phase)["reason"] == reason
+
+
+def test_a_job_being_deleted_or_another_workload_is_left_alone() -> None:
+    assert cond.workload_gone_patch(running_job(deletionTimestamp=T1), "Job", "rm", {}, T1) == {}
+    assert cond.workload_gone_patch(running_job(), "PyTorchJob", "rm", {}, T1) == {}
+    assert cond.workload_gone_patch(running_job(), "Job", "other", {}, T1) == {}

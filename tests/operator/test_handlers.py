@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import pathlib
 import shutil
@@ -586,3 +587,110 @@ async def test_kubectl_apply_of_the_examples_creates_their_workloads(with_pytorc
         for child in (cluster.get(resource, name), cluster.get(CONFIGMAPS, f"{name}-config")):
             (ref,) = child["metadata"]["ownerReferences"]
             assert (ref["kind"], ref["name"], ref["uid"]) == ("RewardModelJob", name, job["metadata"]["uid"])
+
+
+JOB = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/rm-test"
+
+
+async def test_a_workload_deleted_while_running_fails_the_job_as_lost(cluster: Cluster, operator: asyncio.Task) -> None:
+    await started(cluster, new_job(), JOBS)
+    await api(cluster, "patch", JOB_STATUS, {"status": {"active": 2, "ready": 2}})
+    await wait_for(phase_is(cluster, "Running"))
+    await api(cluster, "delete", JOB)
+    await wait_for(phase_is(cluster, "Failed"))
+    status = rmj(cluster)["status"]
+    assert condition(rmj(cluster), "Failed")["reason"] == "WorkloadLost"
+    assert status["message"].startswith("Job rm-test was deleted before the job finished") and status["completionTime"]
+    await wait_for(lambda: any(e["type"] == "Warning" and e["reason"] == "Failed" and "deleted" in e["message"]
+                               for e in cluster.events_for("rm-test")))
+    await asyncio.sleep(0.5)
+    assert cluster.live(JOBS) == []  # never a second workload: it would train again from the start
+
+
+async def test_a_finished_workload_removed_by_its_ttl_leaves_the_job_succeeded(cluster: Cluster) -> None:
+    """Also across an operator restart: the resumed job finds no workload and keeps Succeeded."""
+    async with running_operator():
+        await started(cluster, new_job(), JOBS)
+        complete = {"type": "Complete", "status": "True", "reason": "CompletionsReached", "message": "done"}
+        await api(cluster, "patch", JOB_STATUS, {"status": {"conditions": [complete], "succeeded": 2}})
+        await wait_for(phase_is(cluster, "Succeeded"))
+        before = rmj(cluster)["status"]
+        await api(cluster, "delete", JOB)
+        await asyncio.sleep(0.5)
+        # An edit finds no workload to apply it to, and creates none.
+        await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"runPolicy": {"ttlSecondsAfterFinished": 60}}})
+        await wait_for(lambda: json.loads(rmj(cluster)["status"]["kopf"]["lastHandledSpec"])["spec"].get("runPolicy", {}).get(
+            "ttlSecondsAfterFinished") == 60, message="the edit handled")
+    async with running_operator():
+        await asyncio.sleep(1)
+    after = rmj(cluster)["status"]
+    assert {k: v for k, v in after.items() if k != "kopf"} == {k: v for k, v in before.items() if k != "kopf"}
+    assert cluster.live(JOBS) == []
+    assert [e["reason"] for e in cluster.events_for("rm-test")].count("Succeeded") == 1
+
+
+async def test_a_workload_deleted_while_the_operator_was_down_is_found_lost_on_restart(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deletion event is never seen (as while the operator is down: KMock answers no
+    request once a first operator is cancelled, so the watcher is made deaf instead)."""
+    async with running_operator():
+        await started(cluster, new_job(), JOBS)
+        await wait_for(phase_is(cluster, "Pending"))
+        with monkeypatch.context() as deaf:
+            deaf.setattr(handlers, "workload_gone", lambda *args, **kwargs: asyncio.sleep(0))
+            await api(cluster, "delete", JOB)
+            await asyncio.sleep(0.5)
+        assert rmj(cluster)["status"]["phase"] == "Pending"
+    async with running_operator():
+        await wait_for(phase_is(cluster, "Failed"))
+    assert condition(rmj(cluster), "Failed")["reason"] == "WorkloadLost"
+    assert "while the operator was not watching" in rmj(cluster)["status"]["message"]
+    assert cluster.live(JOBS) == []
+
+
+async def test_job_locks_serialise_each_job_and_keep_nothing_once_released() -> None:
+    locks, order = handlers.JobLocks(), []
+
+    async def write(key: str, tag: str, fail: bool = False) -> None:
+        async with locks.hold(key):
+            order.append(f"{tag}+")
+            await asyncio.sleep(0.01)
+            order.append(f"{tag}-")
+            if fail:
+                raise RuntimeError(tag)
+
+    results = await asyncio.gather(write("a", "a1"), write("a", "a2", fail=True), write("b", "b1"),
+                                   return_exceptions=True)
+    assert isinstance(results[1], RuntimeError)
+    assert order.index("a1-") < order.index("a2+") and order.index("b1+") < order.index("a1-")
+    assert len(locks) == 0
+    waiting = asyncio.create_task(write("a", "a3"))
+    async with locks.hold("a"):
+        await asyncio.sleep(0.01)
+        assert len(locks) == 1
+        waiting.cancel()  # an operator shutting down: a cancelled waiter leaves nothing behind
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert len(locks) == 0
+
+
+async def test_per_job_locks_are_released(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[handlers.JobLocks] = []
+    original = handlers.JobLocks
+
+    def recording() -> handlers.JobLocks:
+        made.append(original())
+        return made[-1]
+
+    monkeypatch.setattr(handlers, "JobLocks", recording)
+    async with running_operator():
+        for i in range(3):
+            await api(cluster, "post", rmj_path(), new_job(f"rm-{i}"))
+        for i in range(3):
+            await wait_for(lambda i=i: (rmj(cluster, f"rm-{i}").get("status") or {}).get("workload"))
+        await api(cluster, "patch", rmj_path("rm-0"), {"spec": {"runPolicy": {"suspend": True}}})
+        await wait_for(lambda: cluster.get(JOBS, "rm-0")["spec"]["suspend"] is True)
+        (locks,) = made
+        # Three jobs' status was written under their locks; none is kept once the writes end.
+        await wait_for(lambda: rmj(cluster, "rm-0")["status"].get("observedGeneration") == 2)
+        await wait_for(lambda: len(locks) == 0, message="every lock released")

@@ -106,6 +106,37 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_ends_as_uninterrupted(
     assert_same_run(tmp_path, uninterrupted)
 
 
+@pytest.mark.parametrize("during,checkpointing_steps", [("evaluate", None), ("save_checkpoint", 4)],
+                         ids=["evaluation", "periodic-checkpoint"])
+def test_sigterm_during_an_evaluation_or_a_checkpoint_stops_at_that_step(
+        during, checkpointing_steps, uninterrupted, tiny_model_dir, bundled_dataset_dir, tmp_path, monkeypatch,
+        sigterm_action):
+    """Step 4 is evaluated (and checkpointed, every 4 steps): a SIGTERM meanwhile stops the run
+    at step 4, without training step 5 and writing its checkpoint in the grace period first."""
+    from rmjob_trainer import train as train_module
+
+    cfg = _config(tiny_model_dir, bundled_dataset_dir, tmp_path, num_evals=2, checkpointing_steps=checkpointing_steps)
+    unsignalled = getattr(train_module, during)
+    sent = []
+
+    def signalled(*args, **kwargs):
+        if not sent:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sent.append(True)
+        return unsignalled(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, during, signalled)
+        with pytest.raises(Preempted) as stopped:
+            train_module.train(cfg)
+    assert stopped.value.step == 4 and _checkpoints(tmp_path) == ["step_4"]
+    assert [line["step"] for line in _log(tmp_path)] == [1, 2, 3, 4]
+
+    signal.signal(signal.SIGTERM, sigterm_action)
+    train_module.train(cfg)
+    assert_same_run(tmp_path, uninterrupted)
+
+
 def test_sigterm_in_the_last_step_finishes_the_run(uninterrupted, tiny_model_dir, bundled_dataset_dir, tmp_path,
                                                    monkeypatch, sigterm_action):
     """Nothing is left to resume after the last step: the run writes its outputs and returns."""

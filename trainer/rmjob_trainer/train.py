@@ -599,14 +599,22 @@ def _train(cfg: RewardConfig, sigterm: SigtermWatch) -> dict:
                    **named_means(sums[:-1], "train/rm/", TRAIN_NAMES), "train/rm/lr": engine.lr}
         # A preempted step's evaluation would spend the grace period: the resumed run does it
         # (on the same weights), then logs the step.
-        unlogged = preempted and step + 1 in (eval_steps | benchmark_steps)
+        evaluated = step + 1 in (eval_steps | benchmark_steps)
+        unlogged = preempted and evaluated
         if not unlogged:
             evaluate_and_log(step + 1, metrics)
-        periodic = cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0
-        if preempted or (periodic and step + 1 < num_training_steps):
-            trainer_state = {"step": step + 1, "run_name": run_name, "settings": settings,
-                             "data_order": order.state(step + 1), **({"unlogged_metrics": metrics} if unlogged else {})}
+        last = step + 1 == num_training_steps
+        periodic = cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0 and not last
+        trainer_state = {"step": step + 1, "run_name": run_name, "settings": settings,
+                         "data_order": order.state(step + 1), **({"unlogged_metrics": metrics} if unlogged else {})}
+        if preempted or periodic:
             save_checkpoint(engine, output_dir, step + 1, trainer_state, d, cfg.checkpoints_total_limit)
+        # A SIGTERM that came during this step's evaluation or checkpoint would wait for the next
+        # step's all-reduce: one more step, and one more checkpoint, within the grace period.
+        if (evaluated or periodic) and not (preempted or last) and _stop_requested(sigterm, d):
+            if not periodic:
+                save_checkpoint(engine, output_dir, step + 1, trainer_state, d, cfg.checkpoints_total_limit)
+            preempted = True
         if preempted:
             leave_preempted(step + 1)
 

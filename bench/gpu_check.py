@@ -13,7 +13,7 @@
    ``flash_attn`` package is installed, else sdpa (the trainer's per-sequence ``sdpa_varlen``);
    the implementation the model actually ran is read back and reported.
 3. Throughput: a random-init Llama-shaped model (``--model 1b``: hidden 2048, 16 layers, 32 heads,
-   MLP 8192, Llama-3.2-1B's shape with full-width KV heads, 1.07 B parameters) trained for
+   MLP 8192, Llama-3.2-1B's shape with full-width KV heads, 1.08 B parameters) trained for
    ``--steps`` steps of ``--batch-size`` pairs of multi-turn conversations up to 1,024 tokens,
    in bf16 autocast over fp32 weights, by ``rmjob_trainer.train.train`` (padding-free, then with
    prefix sharing) and by TRL's ``RewardTrainer`` (same model files, same token ids, same

@@ -155,6 +155,14 @@ def test_in_cluster_credentials_from_the_service_account_dir_override(in_cluster
     assert Recorder.authorizations == ["bearer pod-bound-token"]
 
 
+def test_the_token_file_line_end_is_left_out_of_every_request(in_cluster: Path) -> None:
+    """Not only the first: a header with a line end is refused by http.client, so every later
+    report would fail."""
+    reporter = StatusReporter.from_env(min_interval=0)
+    assert [reporter.report({"step": step}) for step in (1, 2, 3)] == [True, True, True]
+    assert Recorder.authorizations == ["bearer pod-bound-token"] * 3
+
+
 def test_a_rotated_token_is_read_again(in_cluster: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The kubelet replaces a projected token file well before the token expires; a reporter
     that kept the first token would be refused for the rest of a long run."""

@@ -60,6 +60,8 @@ def _in_cluster_configuration(account_dir: str) -> Configuration:
         # by hand or by a tool) would make an invalid Authorization header.
         refresh(config)
         config.api_key["BearerToken"] = config.api_key["BearerToken"].strip()
+        # Each call of the loader's hook installs that hook again, in place of this one.
+        config.refresh_api_key_hook = refresh_without_line_end
 
     configuration.refresh_api_key_hook = refresh_without_line_end
     return configuration

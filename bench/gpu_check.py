@@ -11,7 +11,8 @@
    (below), and prefix sharing must really compute fewer tokens (counted at the embedding).
 2. Attention: flash-attention 2 (varlen, driven by the packed batch's ``cu_seq_lens``) where the
    ``flash_attn`` package is installed, else sdpa (the trainer's per-sequence ``sdpa_varlen``);
-   the implementation the model actually ran is read back and reported.
+   the implementation the model actually ran is read back, reported and must be that one
+   (prefix sharing runs through ``sdpa_varlen`` and calls flash-attention for its shared layout).
 3. Throughput: a random-init Llama-shaped model (``--model 1b``: hidden 2048, 16 layers, 32 heads,
    MLP 8192, Llama-3.2-1B's shape with full-width KV heads, 1.08 B parameters) trained for
    ``--steps`` steps of ``--batch-size`` pairs of multi-turn conversations up to 1,024 tokens,
@@ -232,6 +233,22 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def attention_used(model) -> str:
+    """The attention the model ran. Prefix sharing runs through ``sdpa_varlen`` and, for its
+    shared layout, calls the flash-attention implementation it chose on the first batch
+    (rmjob_trainer.prefix_sharing keeps it on the model as ``_rmjob_flash``)."""
+    used = model.config._attn_implementation
+    flash = getattr(model, "_rmjob_flash", None)
+    return f"{used} + {flash} (shared layout)" if flash else used
+
+
+def expected_attention(flash_installed: bool) -> dict[str, str]:
+    if flash_installed:
+        return {"bf16_padding_free": "flash_attention_2",
+                "bf16_prefix_shared": "sdpa_varlen + flash_attention_2 (shared layout)"}
+    return {"bf16_padding_free": "sdpa_varlen", "bf16_prefix_shared": "sdpa_varlen"}
+
+
 def agreement(args, model: Path, data: Path, attn: str | None, flash_installed: bool) -> dict:
     import torch
 
@@ -245,7 +262,10 @@ def agreement(args, model: Path, data: Path, attn: str | None, flash_installed: 
     rewards, tokens, used, params = {}, {}, {}, {}
     eval_dataset = None
     for name, flags in VARIANTS.items():
-        cfg = RewardConfig(**base_config(args, model, data, attn, output_dir=str(data.parent / "unused")), **flags)
+        # flash-attention takes no fp32: the fp32 reference always runs sdpa
+        variant_attn = None if flags["mixed_precision"] == "no" else attn
+        cfg = RewardConfig(**base_config(args, model, data, variant_attn, output_dir=str(data.parent / "unused")),
+                           **flags)
         tokenizer = load_tokenizer(cfg)
         if eval_dataset is None:
             _, eval_dataset = build_datasets(cfg, tokenizer)
@@ -266,7 +286,7 @@ def agreement(args, model: Path, data: Path, attn: str | None, flash_installed: 
             pairs += [(row[2], row[3]) for row in rows]
         hook.remove()
         rewards[name], tokens[name] = pairs, counted[0]
-        used[name] = engine.hf_model.config._attn_implementation
+        used[name] = attention_used(engine.hf_model)
         del engine
         free_device_memory()
 
@@ -279,8 +299,8 @@ def agreement(args, model: Path, data: Path, attn: str | None, flash_installed: 
     bf16_noise = max_difference("bf16_padded", "fp32_padded")
     tolerance = max(TOLERANCE_NOISE_FACTOR * bf16_noise, TOLERANCE_RMS_FRACTION * rms)
     differences = {name: max_difference(name, "bf16_padded") for name in ("bf16_padding_free", "bf16_prefix_shared")}
-    expected_attention = "flash_attention_2" if flash_installed else "sdpa_varlen"
-    packed_attention_ok = all(used[name] == expected_attention for name in ("bf16_padding_free", "bf16_prefix_shared"))
+    expected = expected_attention(flash_installed)
+    packed_attention_ok = all(used[name] == expected[name] for name in expected)
     prefix_effective = tokens["bf16_prefix_shared"] < tokens["bf16_padding_free"]
     return {
         "pairs": len(reference) // 2, "reward_rms_fp32": rms,
@@ -289,7 +309,7 @@ def agreement(args, model: Path, data: Path, attn: str | None, flash_installed: 
         "rewards_agree": all(value <= tolerance for value in differences.values()),
         "tokens_computed": tokens,
         "prefix_sharing_effective": prefix_effective,
-        "attention_used": used, "attention_expected_packed": expected_attention,
+        "attention_used": used, "attention_expected": expected,
         "attention_ok": packed_attention_ok,
         "parameters": params,
         "rewards": rewards,

@@ -79,6 +79,18 @@ def bind_claim(kubectl, namespace: str, claim_name: str, directory) -> str:
     return volume
 
 
+def release(kubectl, namespace: str, claim_name: str, volume: str | None = None) -> None:
+    """Deletes the claim (and volume): without the protection controllers, which this cluster
+    does not run, their kubernetes.io/pvc- and pv-protection finalizers would keep them, and the
+    test's namespace, Terminating for good."""
+    no_finalizers = json.dumps({"metadata": {"finalizers": None}})
+    kubectl("delete", "pvc", claim_name, "-n", namespace, "--wait=false", check=False)
+    kubectl("patch", "pvc", claim_name, "-n", namespace, "--type=merge", "-p", no_finalizers, check=False)
+    if volume:
+        kubectl("delete", "pv", volume, "--wait=false", check=False)
+        kubectl("patch", "pv", volume, "--type=merge", "-p", no_finalizers, check=False)
+
+
 def checkpoints(output) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in (output / "checkpoints").glob("step_*"))
 
@@ -173,7 +185,7 @@ def test_created_claim_survives_two_interrupted_pods_and_the_run_resumes_from_ch
         assert (output / "model.safetensors").exists() or list(output.glob("*.safetensors"))
     finally:
         kubectl("delete", "rmj", NAME, "-n", namespace, "--wait=false", check=False)
-        kubectl("delete", "pv", volume, "--wait=false", check=False)
+        release(kubectl, namespace, f"{NAME}-output", volume)
 
 
 @pytest.mark.timeout(120)
@@ -182,16 +194,19 @@ def test_several_nodes_on_an_existing_read_write_once_claim_are_refused(kubectl,
     kubectl("create", "-f", "-", input=json.dumps({
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "team", "namespace": namespace},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}))
-    operator = start_operator([namespace])
-    spec = {"trainer": {"modelNameOrPath": "m", "datasetMixer": {"d": 1.0}},
-            "resources": {"nodes": 2, "gpusPerNode": 0}, "storage": {"existingClaim": "team"},
-            "runPolicy": {"backend": "job"}}
-    kubectl("apply", "-f", "-", input=json.dumps(rmj("rm-rwo", namespace, spec)))
-    status = wait_for_phase(kubectl, namespace, "rm-rwo", "Failed", 60, operator)
-    assert condition(status, "InvalidSpec")["status"] == "True"
-    assert status["message"] == ("spec.storage.existingClaim: PersistentVolumeClaim team is ReadWriteOnce; with "
-                                 "nodes > 1 it must be ReadWriteMany (every node writes and reads checkpoints)")
-    assert get_or_none(kubectl, "job", "rm-rwo", "-n", namespace) is None
+    try:
+        operator = start_operator([namespace])
+        spec = {"trainer": {"modelNameOrPath": "m", "datasetMixer": {"d": 1.0}},
+                "resources": {"nodes": 2, "gpusPerNode": 0}, "storage": {"existingClaim": "team"},
+                "runPolicy": {"backend": "job"}}
+        kubectl("apply", "-f", "-", input=json.dumps(rmj("rm-rwo", namespace, spec)))
+        status = wait_for_phase(kubectl, namespace, "rm-rwo", "Failed", 60, operator)
+        assert condition(status, "InvalidSpec")["status"] == "True"
+        assert status["message"] == ("spec.storage.existingClaim: PersistentVolumeClaim team is ReadWriteOnce; with "
+                                     "nodes > 1 it must be ReadWriteMany (every node writes and reads checkpoints)")
+        assert get_or_none(kubectl, "job", "rm-rwo", "-n", namespace) is None
+    finally:
+        release(kubectl, namespace, "team")
 
 
 @pytest.mark.timeout(240)

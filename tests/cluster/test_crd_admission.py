@@ -67,18 +67,20 @@ def test_kubectl_get_rmj_shows_the_printer_columns(kubectl, cluster, rmj_crd, na
         invalid_specs.MINIMAL, resources={"nodes": 2, "gpusPerNode": 4}))))
     # What the operator and the trainer would write, through the status subresource.
     status = {"status": {"phase": "Running", "message": "training",
-                         "metrics": {"step": 7, "totalSteps": 40, "evalAccuracy": 0.625}}}
+                         "metrics": {"step": 7, "totalSteps": 40, "evalAccuracy": 0.625},
+                         "progress": {"percentage": 17, "estimatedRemainingSeconds": 330}}}
     kubectl("patch", "rmj", "rm-columns", "-n", namespace, "--subresource=status", "--type=merge",
             "-p", json.dumps(status))
     wide = kubectl("get", "rmj", "-n", namespace, "-o", "wide").stdout.splitlines()
     header = wide[0].split()
-    assert header == ["NAME", "PHASE", "MODEL", "NODES", "GPUS/NODE", "STEP", "TOTAL", "EVAL", "ACC",
-                      "MESSAGE", "AGE"], wide[0]
+    assert header == ["NAME", "PHASE", "MODEL", "NODES", "GPUS/NODE", "STEP", "TOTAL", "PROGRESS", "ETA(S)", "EVAL",
+                      "ACC", "MESSAGE", "AGE"], wide[0]
     row = wide[1].split()
-    assert row[:8] == ["rm-columns", "Running", "EleutherAI/pythia-14m", "2", "4", "7", "40", "0.625"], wide[1]
-    assert row[8] == "training"
+    assert row[:10] == ["rm-columns", "Running", "EleutherAI/pythia-14m", "2", "4", "7", "40", "17", "330",
+                        "0.625"], wide[1]
+    assert row[10] == "training"
     narrow = kubectl("get", "rmj", "-n", namespace).stdout.splitlines()[0].split()
-    assert narrow == ["NAME", "PHASE", "MODEL", "NODES", "GPUS/NODE", "STEP", "EVAL", "ACC", "AGE"]
+    assert narrow == ["NAME", "PHASE", "MODEL", "NODES", "GPUS/NODE", "STEP", "PROGRESS", "EVAL", "ACC", "AGE"]
 
 
 def test_helm_installs_upgrades_and_uninstalls_the_chart_and_its_crd(kubectl, cluster, rmj_crd, tmp_path,

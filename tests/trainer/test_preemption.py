@@ -218,6 +218,47 @@ def test_rmjob_torchrun_exit_status(scenario, status, tmp_path):
             agent.kill()
 
 
+SLOW_STOP_RANK_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+
+marks, stop = Path(sys.argv[1]), []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+(marks / f"started-{os.environ['RANK']}").touch()
+while not stop:
+    time.sleep(0.01)
+time.sleep(5)  # the checkpoint
+(marks / f"checkpointed-{os.environ['RANK']}").touch()
+sys.exit(200)
+"""
+
+
+def test_rmjob_torchrun_waits_for_its_ranks_through_repeated_sigterms(tmp_path):
+    """A pod deleted again (a shorter grace period) gets SIGTERM again: torchrun, the container's
+    first process, keeps waiting for its ranks' checkpoint instead of exiting (and, in a
+    container, taking them with it)."""
+    (tmp_path / "rank.py").write_text(SLOW_STOP_RANK_SCRIPT)
+    with open(tmp_path / "torchrun.log", "w") as out:
+        agent = subprocess.Popen([*RMJOB_TORCHRUN, "--standalone", "--nproc_per_node=2", str(tmp_path / "rank.py"),
+                                  str(tmp_path)], env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not ((tmp_path / "started-0").exists() and (tmp_path / "started-1").exists()):
+            assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "torchrun.log").read_text()
+            time.sleep(0.05)
+        for _ in range(3):
+            agent.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+        assert agent.wait(timeout=RUN_TIMEOUT_S) == EXIT_PREEMPTED, (tmp_path / "torchrun.log").read_text()[-3000:]
+        assert (tmp_path / "checkpointed-0").exists() and (tmp_path / "checkpointed-1").exists()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        for process in psutil.process_iter(["cmdline"]):
+            if str(tmp_path / "rank.py") in (process.info["cmdline"] or []):
+                process.kill()
+
+
 def test_rmjob_torchrun_gives_ranks_time_for_a_checkpoint(monkeypatch):
     """torchrun SIGKILLs its ranks 30 s after forwarding SIGTERM by default, often before a large
     checkpoint is written; rmjob-torchrun leaves the limit to the pod's grace period, unless

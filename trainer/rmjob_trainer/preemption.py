@@ -92,15 +92,20 @@ def torchrun(argv: list[str] | None = None) -> int:
       itself (SIGTERM, then SIGKILL, to the ranks still running once one has exited);
       torchrun would exit 1.
 
+    A SIGTERM repeated while torchrun stops its ranks is ignored (see :func:`_first_signal_only`).
     Anything else (success, errors, other signals) is torchrun's own outcome. Without
     ``--shutdown_timeout`` or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, ranks get
     :data:`SHUTDOWN_TIMEOUT_S` seconds after SIGTERM instead of torchrun's 30.
     """
+    from torch.distributed.elastic.multiprocessing import api as processes
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    # Installed by torchrun (by this name) when it starts its ranks.
+    terminate = processes._terminate_process_handler
+    processes._terminate_process_handler = _first_signal_only(terminate)
     try:
         torchrun_main(argv)
     except SignalException as e:
@@ -116,4 +121,19 @@ def torchrun(argv: list[str] | None = None) -> int:
         print(f"rmjob-torchrun: ranks stopped for a preemption; exit status {EXIT_PREEMPTED} (retryable)",
               file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
+    finally:
+        processes._terminate_process_handler = terminate
     return 0
+
+
+def _first_signal_only(handler):
+    """torchrun's signal handler, which then ignores that signal. torchrun waits for its ranks
+    once: a second SIGTERM (a pod deleted again, with a shorter grace period) starts that wait
+    over, a third ends torchrun at once, and with it, the container's first process, the ranks
+    writing their checkpoint."""
+
+    def handle(signum, frame) -> None:
+        signal.signal(signum, signal.SIG_IGN)
+        handler(signum, frame)
+
+    return handle

@@ -68,10 +68,18 @@ build() {  # build NAME TAG DOCKERFILE [podman build args...]
     shift 3
     [[ -f $dockerfile ]] || die "no Dockerfile at $dockerfile"
     echo "building $tag from $dockerfile"
+    local previous
+    previous=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
     "${BUILD[@]}" -f "$dockerfile" -t "$tag" "$@" . || die "building $name ($dockerfile) failed"
     local size
     size=$(podman image inspect --format '{{.Size}}' "$tag")
     echo "built $tag in $((SECONDS - start)) s, $((size / 1000000)) MB"
+    # The image this one replaces, with the layers only it used: each rebuild would leave them
+    # behind (after a Dockerfile change, the trainer's 6.5 GB). podman refuses while anything
+    # still uses it (a working container, another tag), and then it stays.
+    if [[ -n $previous && $previous != "$(podman image inspect --format '{{.Id}}' "$tag")" ]]; then
+        podman rmi "$previous" >/dev/null 2>&1 || true
+    fi
 }
 
 build_operator() {

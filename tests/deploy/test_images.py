@@ -10,16 +10,19 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import venv
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from conftest import REPO, run
 
@@ -110,6 +113,133 @@ def test_operator_image_install_has_no_torch(tmp_path):
 
 def test_python_base_stand_in_is_hadolint_clean():
     run(HADOLINT, "--no-color", REPO / "hack" / "images" / "python-base.Containerfile")
+
+
+TRAINER_DOCKERFILE = IMAGES / "trainer" / "Dockerfile"
+
+
+def arg_default(dockerfile: Path, name: str) -> str:
+    (value,) = [args.split("=", 1)[1].strip('"') for args in instructions(dockerfile, "ARG")
+                if args.startswith(f"{name}=")]
+    return value
+
+
+def cuda_branch_env(before: str) -> dict[str, str]:
+    """The variables the trainer Dockerfile's CUDA branch sets on the install command that
+    ``before`` starts, its ARG references replaced by their defaults (what a plain build uses)."""
+    (step,) = [args for args in instructions(TRAINER_DOCKERFILE, "RUN") if "DS_BUILD_OPS" in args]
+    branch = step.split('if [ "$VARIANT" = cuda ]; then', 1)[1].split("else", 1)[0]
+    command = next(part for part in branch.split("&&") if before in part)
+    assignments = [token for token in shlex.split(command.split(before, 1)[0]) if "=" in token]
+    return {key: re.sub(r"\$\{?(\w+)\}?", lambda m: arg_default(TRAINER_DOCKERFILE, m.group(1)), value)
+            for key, value in (token.split("=", 1) for token in assignments)}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=[d.parent.name for d in DOCKERFILES])
+def test_no_run_step_is_keyed_by_a_build_arg_it_does_not_need(dockerfile):
+    """Docker and buildah key a RUN's cache by every ARG declared above it in its stage, used or
+    not: a DeepSpeed version declared at the top would redo the apt and torch layers when bumped.
+    So each ARG comes just before the first step that uses it (pip reads PIP_CERT itself)."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    declared: list[str] = []
+    used: set[str] = set()
+    wasted = {}
+    for keyword, args in re.findall(r"^(FROM|ARG|RUN)\s+(.*)$", text, re.M):
+        if keyword == "FROM":
+            declared, used = [], set()
+        elif keyword == "ARG":
+            declared.append(args.split("=", 1)[0])
+        else:
+            used |= {name for name in declared if re.search(rf"\${{?{name}\b", args)}
+            used |= {"PIP_CERT"} if re.search(r"\bpip\b", args) else set()
+            if unused := [name for name in declared if name not in used]:
+                wasted[args[:60]] = unused
+    assert wasted == {}
+
+
+def test_variant_check_outlives_its_message_so_buildah_relays_it():
+    """buildah's chroot runtime (podman build --isolation chroot) exits with a RUN command's
+    status without draining its stdio relay, so a command that prints and exits at once can lose
+    its message (/tmp/review13/race_buildah_run.sh: 1-3 runs in 100). The check must still be
+    running a while after it printed."""
+    (check,) = [args for args in instructions(TRAINER_DOCKERFILE, "RUN") if "VARIANT must be" in args]
+    shell = json.loads(instructions(TRAINER_DOCKERFILE, "SHELL")[0])
+    env = {"PATH": os.environ["PATH"]}
+
+    refused = subprocess.Popen([*shell, check], env={**env, "VARIANT": "gpu"}, stderr=subprocess.PIPE, text=True)
+    message = refused.stderr.readline().strip()
+    printed = time.monotonic()
+    returncode = refused.wait(10)
+    lingered = time.monotonic() - printed
+
+    assert message == "VARIANT must be cuda or cpu, got 'gpu'" and returncode == 1
+    assert lingered >= 0.5, f"the check exited {lingered:.3f} s after its message"
+    accepted = subprocess.run([*shell, check], env={**env, "VARIANT": "cpu"}, capture_output=True, text=True)
+    assert (accepted.returncode, accepted.stderr) == (0, "")
+
+
+def test_cuda_variant_prebuilds_deepspeed_gpu_ops_that_run_on_any_node():
+    """DeepSpeed's setup.py, under the environment the CUDA branch gives it, on a machine
+    without a GPU (as every `docker build` is): it must pick its CUDA accelerator (it falls back
+    to its CPU one, which builds CPU ops and knows no `utils` op), every DS_BUILD_*=1 must name an
+    op, and no prebuilt op may be compiled for the build machine's CPU (-march=native)."""
+    env = cuda_branch_env('pip install --no-build-isolation "deepspeed==')
+    assert env.get("DS_BUILD_OPS") == "0" and any(k.startswith("DS_BUILD_") and v == "1" for k, v in env.items())
+    script = """
+import json, os
+from deepspeed.ops.op_builder.all_ops import ALL_OPS, accelerator_name
+by_variable = {op.BUILD_VAR: op for op in ALL_OPS.values() if hasattr(op, "BUILD_VAR")}
+requested = sorted(k for k, v in os.environ.items() if k.startswith("DS_BUILD_") and k != "DS_BUILD_OPS" and v == "1")
+print(json.dumps({"accelerator": accelerator_name,
+                  "ops": {k: by_variable[k].cxx_args() if k in by_variable else None for k in requested}}))
+"""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DS_", "CUDA_VISIBLE"))}
+    result = subprocess.run([sys.executable, "-c", script], env={**clean, **env}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert report["accelerator"] == "cuda"
+    assert [k for k, args in report["ops"].items() if args is None] == [], "DS_BUILD_* naming no op"
+    assert [k for k, args in report["ops"].items() if "-march=native" in args] == []
+
+
+def test_flash_attn_is_built_for_the_gpus_the_image_targets():
+    """flash-attn ignores TORCH_CUDA_ARCH_LIST (FLASH_ATTN_CUDA_ARCHS, default 80;90;100;120):
+    one sm_X0 build per major version the image targets, none for others."""
+    targets = arg_default(TRAINER_DOCKERFILE, "TORCH_CUDA_ARCH_LIST").split(";")
+    env = cuda_branch_env('pip install --no-build-isolation "flash-attn==')
+    assert set(env["FLASH_ATTN_CUDA_ARCHS"].split(";")) == {f"{t.split('.')[0]}0" for t in targets}
+
+
+LABEL_PREFIX = "org.opencontainers.image."
+
+
+def expected_labels(image: str) -> dict[str, str]:
+    """The OCI labels each image must carry: its name, and this project's version, source and
+    license (pyproject.toml, the chart's home)."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    version, license_ = (re.search(rf'^{key} = "([^"]+)"', pyproject, re.M).group(1) for key in ("version", "license"))
+    chart = yaml.safe_load((REPO / "charts" / "rmjob-operator" / "Chart.yaml").read_text())
+    return {f"{LABEL_PREFIX}title": f"rmjob-{image}", f"{LABEL_PREFIX}version": version,
+            f"{LABEL_PREFIX}source": chart["home"], f"{LABEL_PREFIX}licenses": license_}
+
+
+def dockerfile_labels(dockerfile: Path) -> dict[str, str]:
+    labels = {}
+    for args in instructions(dockerfile, "LABEL"):
+        labels.update(token.split("=", 1) for token in shlex.split(args))
+    return labels
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=[d.parent.name for d in DOCKERFILES])
+def test_dockerfile_labels_name_this_project_and_its_version(dockerfile):
+    """Set in the Dockerfile, else the base's show through (Ubuntu's, so nvidia/cuda's, say
+    org.opencontainers.image.version=24.04)."""
+    labels = dockerfile_labels(dockerfile)
+    expected = expected_labels(dockerfile.parent.name)
+    assert {key: labels.get(key) for key in expected} == expected
+    assert labels.get(f"{LABEL_PREFIX}description")
 
 
 # --- the built images: hack/images/build.sh, then runs with `buildah run` -------------------
@@ -235,6 +365,29 @@ def test_a_broken_dockerfile_fails_the_build(operator_image, tmp_path):
 @pytest.mark.images
 @pytest.mark.xdist_group("images")
 @pytest.mark.timeout(BUILD_TIMEOUT)
+def test_a_rebuild_removes_the_image_it_replaces(operator_image, tmp_path):
+    """Each rebuild of a changed Dockerfile leaves the previous image and the layers only it
+    used (the trainer's: 6.5 GB) unless the build script removes them; a CI machine that keeps
+    its layer cache fills up (here a trainer build failed with 'no space left on device')."""
+    dockerfile = tmp_path / "images" / "operator" / "Dockerfile"
+    dockerfile.parent.mkdir(parents=True)
+    tag = "localhost/rmjob-operator:supersede-test"
+    ids = []
+    try:
+        for revision in ("1", "2"):
+            dockerfile.write_text((IMAGES / "operator" / "Dockerfile").read_text() + f"LABEL rmjob.test.revision={revision}\n")
+            result = build("operator", IMAGES_DIR=str(tmp_path / "images"), IMAGE_TAG="supersede-test")
+            assert result.returncode == 0, result.stderr[-3000:]
+            ids.append(run("podman", "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip())
+    finally:
+        subprocess.run(["podman", "rmi", tag], capture_output=True)
+    assert ids[0] != ids[1]
+    assert subprocess.run(["podman", "image", "exists", ids[0]]).returncode == 1, "the replaced image is still there"
+
+
+@pytest.mark.images
+@pytest.mark.xdist_group("images")
+@pytest.mark.timeout(BUILD_TIMEOUT)
 def test_build_script_names_an_unknown_image(tmp_path):
     result = build("operatr")
     assert result.returncode != 0
@@ -331,8 +484,57 @@ def test_trainer_image_refuses_an_unknown_variant(trainer_image):
          "--build-arg", "BASE_IMAGE=localhost/debian:bookworm", "--build-arg", "VARIANT=gpu", REPO],
         capture_output=True, text=True, timeout=600,
     )
-    assert result.returncode != 0
-    assert "VARIANT must be cuda or cpu, got 'gpu'" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "VARIANT must be cuda or cpu, got 'gpu'" in output, output
+
+
+@pytest.mark.images
+@pytest.mark.xdist_group("images")
+@pytest.mark.timeout(BUILD_TIMEOUT)
+@pytest.mark.parametrize("image_fixture", ["operator_image", "trainer_image"])
+def test_built_image_carries_the_project_labels(image_fixture, request):
+    image = request.getfixturevalue(image_fixture)
+    labels = json.loads(run("podman", "image", "inspect", "--format", "{{json .Config.Labels}}", image).stdout)
+    expected = expected_labels(image_fixture.removesuffix("_image"))
+    assert {key: labels.get(key) for key in expected} == expected
+
+
+@pytest.mark.images
+@pytest.mark.xdist_group("images")
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_trainer_image_default_command_prints_the_help_without_a_gpu(trainer_image):
+    """`docker run IMAGE` with no arguments: the entrypoint and default command as they are
+    (torchrun's port moved through its environment: buildah run shares the host's network)."""
+    config = json.loads(run("podman", "image", "inspect", "--format", "{{json .Config}}", trainer_image).stdout)
+    with working_container(trainer_image) as container:
+        result = buildah_run(container, *config["Entrypoint"], *config["Cmd"],
+                             env={"PET_MASTER_PORT": str(free_port())}, timeout=300)
+    assert "--model_name_or_path" in result.stdout
+
+
+@pytest.mark.images
+@pytest.mark.xdist_group("images")
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_build_context_is_exactly_what_the_dockerfiles_copy(operator_image, tmp_path):
+    """What .dockerignore lets through to a builder: the Dockerfiles' COPY sources as git sees
+    them (tracked or new, not ignored), nothing else (not .cluster's keys, not .venv)."""
+    containerfile = tmp_path / "Containerfile"
+    containerfile.write_text("FROM localhost/debian:bookworm\nCOPY . /context/\n")
+    tag = "localhost/rmjob-build-context:test"
+    result = subprocess.run(["podman", "build", "--isolation", "chroot", "--quiet", "-f", containerfile, "-t", tag,
+                             REPO], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        with working_container(tag) as container:
+            listed = buildah_run(container, "find", "/context", "-type", "f", "-printf", "%P\\n").stdout.split("\n")
+    finally:
+        subprocess.run(["podman", "rmi", tag], capture_output=True)
+    sources = sorted({source for dockerfile in DOCKERFILES for source in build_stage_sources(dockerfile)})
+    git = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", *sources],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\n")
+    expected = {path for path in git if path and (REPO / path).is_file()}
+    assert {path for path in listed if path} == expected
 
 
 @pytest.mark.images

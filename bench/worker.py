@@ -47,7 +47,9 @@ def run_trl(spec: dict) -> dict:
     args = RewardConfig(
         output_dir=spec["output_dir"],
         per_device_train_batch_size=shared["batch_size"],
-        per_device_eval_batch_size=shared["eval_batch_size"],
+        # TRL's eval accuracy is the mean of its batches' accuracies, so a short last batch would
+        # weigh as much as a full one; in one batch it is the fraction of pairs ranked right, as rmjob's
+        per_device_eval_batch_size=len(eval_dataset),
         num_train_epochs=shared["epochs"],
         learning_rate=shared["learning_rate"],
         # rmjob's (open-instruct's) optimisation: AdamW eps 1e-5, linear decay, no warm-up,

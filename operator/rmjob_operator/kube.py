@@ -8,6 +8,9 @@ operator's login handler gives kopf (see ``handlers.login``), so both share cred
 
 from __future__ import annotations
 
+import asyncio
+import json as jsonlib
+
 import aiohttp
 
 # The kinds the operator touches, to their REST plural and API path prefix.
@@ -24,10 +27,36 @@ PLURALS = {
 }
 
 
+# An API server shedding load (priority and fairness) answers 429 with Retry-After and a
+# plain-text body; like client-go, wait as told and try again, up to its 10 retries.
+THROTTLED_RETRIES = 10
+MAX_RETRY_AFTER_SECONDS = 10.0
+
+
 class ApiError(Exception):
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status, self.reason, self.message = status, reason, message
+
+
+def _api_error(status: int, reason: str, text: str) -> ApiError:
+    """The API server's Status object when the body is one, else its text (a proxy's or a
+    load-shedding filter's plain-text answer)."""
+    try:
+        body = jsonlib.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return ApiError(status, body.get("reason", reason), body.get("message", ""))
+    return ApiError(status, reason, text.strip())
+
+
+def _retry_after(header: str | None) -> float:
+    try:
+        seconds = float(header) if header else 1.0
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def group_path(api_version: str) -> str:
@@ -58,12 +87,17 @@ class KubeApi:
                        content_type: str = "application/json") -> dict:
         assert self._session is not None, "KubeApi used before the login handler ran"
         headers = {"Content-Type": content_type}
-        async with self._session.request(method, self._server + path, json=json, headers=headers) as resp:
-            body = await resp.json(content_type=None) if resp.content_length != 0 else {}
-            if resp.status >= 400:
-                body = body if isinstance(body, dict) else {}
-                raise ApiError(resp.status, body.get("reason", resp.reason or ""), body.get("message", ""))
-            return body
+        retries = 0
+        while True:
+            async with self._session.request(method, self._server + path, json=json, headers=headers) as resp:
+                text = await resp.text()
+                if resp.status < 400:
+                    return jsonlib.loads(text) if text else {}
+                if resp.status != 429 or retries == THROTTLED_RETRIES:
+                    raise _api_error(resp.status, resp.reason or "", text)
+                delay = _retry_after(resp.headers.get("Retry-After"))
+            retries += 1
+            await asyncio.sleep(delay)
 
     async def get(self, path: str) -> dict | None:
         """The object at ``path``, or None when it does not exist."""

@@ -98,6 +98,9 @@ CONTROLLERS = (
     "pod-garbage-collector-controller",
     # Fills the built-in admin/edit/view ClusterRoles from their aggregated parts.
     "clusterrole-aggregation-controller",
+    # Removes a deleted claim's kubernetes.io/pvc-protection finalizer once no pod uses it;
+    # without it every namespace that held a claim stays Terminating for good.
+    "persistentvolumeclaim-protection-controller",
     # Lifts the not-ready taint admission puts on every new node once the node reports Ready
     # (KWOK for its nodes, the pod runner for its own), and taints nodes that stop heartbeating.
     "node-lifecycle-controller",

@@ -80,9 +80,9 @@ def bind_claim(kubectl, namespace: str, claim_name: str, directory) -> str:
 
 
 def release(kubectl, namespace: str, claim_name: str, volume: str | None = None) -> None:
-    """Deletes the claim (and volume): without the protection controllers, which this cluster
-    does not run, their kubernetes.io/pvc- and pv-protection finalizers would keep them, and the
-    test's namespace, Terminating for good."""
+    """Deletes the claim (and volume) now: the pvc-protection controller would release the claim
+    only once the job's pods are gone, and this cluster runs no binder to mark the volume
+    Released, so its pv-protection finalizer would keep it Terminating for good."""
     no_finalizers = json.dumps({"metadata": {"finalizers": None}})
     kubectl("delete", "pvc", claim_name, "-n", namespace, "--wait=false", check=False)
     kubectl("patch", "pvc", claim_name, "-n", namespace, "--type=merge", "-p", no_finalizers, check=False)

@@ -177,6 +177,38 @@ Quantity = Annotated[
         "x-kubernetes-int-or-string": True,
     }),
 ]
+# A claim's size: the API server refuses a claim of zero or less ("must be greater than zero"),
+# but only when the operator creates it, after the job was accepted. A mantissa with a nonzero
+# digit and no minus sign; ``minimum`` bounds the integer form (JSON Schema applies each
+# keyword to its own type only).
+_POSITIVE_QUANTITY_PATTERN = (
+    r"^\+?(([0-9]*[1-9][0-9]*(\.[0-9]*)?)|([0-9]*\.[0-9]*[1-9][0-9]*))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _positive_quantity(value: Any) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str) and re.match(_POSITIVE_QUANTITY_PATTERN, value):
+        return value
+    raise ValueError(f"expected a quantity greater than zero like '50Gi', got {value!r}")
+
+
+PositiveQuantity = Annotated[
+    int | str,
+    PlainValidator(_positive_quantity),
+    WithJsonSchema({
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "minimum": 1,
+        "pattern": _POSITIVE_QUANTITY_PATTERN,
+        "x-kubernetes-int-or-string": True,
+    }),
+]
+# Names of objects the pods refer to (claims, storage classes): the API server refuses any other
+# name in the claim the operator creates, and a pod's claim of such a name never binds.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+MAX_DNS_SUBDOMAIN_LENGTH = 253
 OpenObject = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
 
 
@@ -551,7 +583,7 @@ class StorageSpec(_Model):
     """``spec.storage``: a PersistentVolumeClaim mounted at the output directory of every pod."""
 
     existing_claim: Optional[str] = Field(
-        default=None, min_length=1, max_length=253,
+        default=None, min_length=1, max_length=MAX_DNS_SUBDOMAIN_LENGTH, pattern=DNS_SUBDOMAIN_PATTERN,
         description="Name of a PersistentVolumeClaim in the job's namespace to mount (the operator "
         "neither creates nor deletes it). With nodes > 1 it must be ReadWriteMany.",
     )
@@ -560,13 +592,14 @@ class StorageSpec(_Model):
         description="Directory inside existingClaim to use (default: the claim's root); lets jobs share "
         "one claim without replacing each other's checkpoints.",
     )
-    size: Optional[Quantity] = Field(
+    size: Optional[PositiveQuantity] = Field(
         default=None,
         description="Size of the claim the operator creates for this job, NAME-output (e.g. 50Gi). "
         "Set this or existingClaim.",
     )
     storage_class_name: Optional[str] = Field(
-        default=None, min_length=1, description="StorageClass of the created claim (default: the cluster's default)."
+        default=None, min_length=1, max_length=MAX_DNS_SUBDOMAIN_LENGTH, pattern=DNS_SUBDOMAIN_PATTERN,
+        description="StorageClass of the created claim (default: the cluster's default)."
     )
     access_modes: Optional[list[Literal[ACCESS_MODES]]] = Field(  # type: ignore[valid-type]
         default=None, min_length=1, max_length=len(ACCESS_MODES),

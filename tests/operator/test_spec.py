@@ -160,6 +160,14 @@ INVALID_STORAGE = {
     "subPath climbing out of the claim": (with_changes(MINIMAL, storage={"existingClaim": "a", "subPath": "a/../.."}),
                                          "spec.storage.subPath"),
     "size not a quantity": (with_changes(MINIMAL, storage={"size": "lots"}), "spec.storage.size"),
+    # The API server refuses the claim ("must be greater than zero") only once the job runs.
+    "zero size": (with_changes(MINIMAL, storage={"size": "0Gi"}), "spec.storage.size"),
+    "zero size as a number": (with_changes(MINIMAL, storage={"size": 0}), "spec.storage.size"),
+    "negative size": (with_changes(MINIMAL, storage={"size": "-1Gi"}), "spec.storage.size"),
+    "storage class not a DNS name": (with_changes(MINIMAL, storage={"size": "1Gi", "storageClassName": "Fast_SSD"}),
+                                     "spec.storage.storageClassName"),
+    "existing claim not a DNS name": (with_changes(MINIMAL, storage={"existingClaim": "Team Claim"}),
+                                      "spec.storage.existingClaim"),
     "unknown access mode": (with_changes(MINIMAL, storage={"size": "1Gi", "accessModes": ["ReadOnlyMany"]}),
                             "spec.storage.accessModes[0]"),
     "two nodes on a read-write-once claim": (
@@ -185,6 +193,7 @@ VALID_STORAGE = {
         MINIMAL, resources={"nodes": 2},
         storage={"size": 100, "accessModes": ["ReadWriteMany"], "storageClassName": "nfs", "retainOnDelete": True}),
     "output dir below the claim": with_changes(MINIMAL, trainer={"outputDir": "/output/rm"}, storage={"size": "1Gi"}),
+    "fractional size": with_changes(MINIMAL, storage={"size": "0.5Gi", "storageClassName": "fast.ssd-1"}),
 }
 
 

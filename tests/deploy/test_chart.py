@@ -186,13 +186,20 @@ def test_chart_crd_is_the_generated_one():
 def admission_verdict(policy: dict, job: dict) -> list[str]:
     """The messages of the policy's failing validations for ``job`` (empty: admitted), evaluated
     with cel-python as the API server's ValidatingAdmissionPolicy plugin evaluates them on a
-    create (``object`` is the job as sent; a rule that cannot evaluate counts as a denial,
+    create (``object`` is the job as sent, ``oldObject`` null, ``variables`` computed first; a rule that cannot evaluate counts as a denial,
     as with failurePolicy Fail)."""
     env = celpy.Environment()
+    activation = {"object": celpy.json_to_cel(job), "oldObject": celpy.json_to_cel(None),
+                  "request": celpy.json_to_cel({"operation": "CREATE"})}
+    variables = {}
+    for variable in policy["spec"].get("variables", []):  # in order: each may use the ones before
+        program = env.program(env.compile(variable["expression"]))
+        variables[variable["name"]] = program.evaluate({**activation, "variables": celpy.json_to_cel(variables)})
+    activation["variables"] = celpy.json_to_cel(variables)
     failures = []
     for validation in policy["spec"]["validations"]:
         try:
-            result = env.program(env.compile(validation["expression"])).evaluate({"object": celpy.json_to_cel(job)})
+            result = env.program(env.compile(validation["expression"])).evaluate(activation)
         except celpy.CELEvalError:
             result = False
         if isinstance(result, Exception) or not result:

@@ -372,7 +372,8 @@ def _pytorchjob(body: dict[str, Any], spec: RewardModelJobSpec, image: str) -> d
                              distributed_env=[], extra_pod_spec={})
     # ExitCode: errors of the trainer (exit 1-127) fail the job at once; a preempted trainer
     # (EXIT_PREEMPTED, checkpoint written), signals and infrastructure failures (128+: OOM
-    # kill) restart pods up to backoffLimit, resuming from the newest checkpoint.
+    # kill) restart pods, resuming from the newest checkpoint. Without limit: Kubeflow's
+    # PastBackoffLimit counts only OnFailure/Always replicas, so backoffLimit does not apply.
     replica = {"restartPolicy": "ExitCode", "template": template}
     replicas = {"Master": {"replicas": 1, **replica}}
     if spec.resources.nodes > 1:

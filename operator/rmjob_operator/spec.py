@@ -652,7 +652,12 @@ class RunPolicySpec(_Model):
         description="Workload kind: a Kubeflow PyTorchJob, an Indexed Job with a headless Service, "
         "or auto (PyTorchJob when its CRD is installed).",
     )
-    backoff_limit: int = Field(default=0, ge=0, description="Retries before the job is marked failed.")
+    backoff_limit: int = Field(
+        default=0, ge=0,
+        description="Retries before the job is marked failed (Indexed Job: pods killed by a signal; preempted "
+        "and disrupted pods do not count). Kubeflow ignores it for the PyTorchJob's ExitCode replicas: there a "
+        "pod killed by a signal is restarted without limit.",
+    )
     active_deadline_seconds: Optional[int] = Field(
         default=None, ge=1, description="Wall-clock limit of the whole run, in seconds."
     )

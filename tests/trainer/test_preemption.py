@@ -259,6 +259,40 @@ def test_rmjob_torchrun_waits_for_its_ranks_through_repeated_sigterms(tmp_path):
                 process.kill()
 
 
+def test_rmjob_torchrun_sigterm_after_its_ranks_finished_exits_0(tmp_path):
+    """Two nodes: node 1's rank finishes first and its torchrun waits for node 0's (rank 0 saves
+    the model, pushes it) when SIGTERM comes. Its work is done: exit 0, not 200, which would
+    make the Job start a replacement that can no longer meet node 0."""
+    import socket
+
+    (tmp_path / "rank.py").write_text("import os, time\nif os.environ['RANK'] == '0':\n    time.sleep(15)\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = [subprocess.Popen([*RMJOB_TORCHRUN, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+                                "--master_addr=127.0.0.1", f"--master_port={port}", str(tmp_path / "rank.py")],
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for node in (0, 1)]
+    try:
+        node_1 = psutil.Process(agents[1].pid)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not node_1.children():  # its rank starts, then exits 0
+            assert agents[1].poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        while node_1.children():
+            time.sleep(0.05)
+        time.sleep(1)
+        assert agents[0].poll() is None and agents[1].poll() is None
+        agents[1].send_signal(signal.SIGTERM)
+        assert agents[1].wait(timeout=RUN_TIMEOUT_S) == 0
+        assert agents[0].wait(timeout=RUN_TIMEOUT_S) == 0
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                for process in psutil.Process(agent.pid).children(recursive=True):
+                    process.kill()
+                agent.kill()
+
+
 def test_rmjob_torchrun_gives_ranks_time_for_a_checkpoint(monkeypatch):
     """torchrun SIGKILLs its ranks 30 s after forwarding SIGTERM by default, often before a large
     checkpoint is written; rmjob-torchrun leaves the limit to the pod's grace period, unless

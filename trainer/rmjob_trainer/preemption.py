@@ -92,11 +92,14 @@ def torchrun(argv: list[str] | None = None) -> int:
       itself (SIGTERM, then SIGKILL, to the ranks still running once one has exited);
       torchrun would exit 1.
 
-    A SIGTERM repeated while torchrun stops its ranks is ignored (see :func:`_first_signal_only`).
+    A SIGTERM repeated while torchrun stops its ranks is ignored (see :func:`_first_signal_only`);
+    one that comes once the ranks all exited 0 (torchrun waits for the other nodes' agents then)
+    leaves with 0, where torchrun would exit 1.
     Anything else (success, errors, other signals) is torchrun's own outcome. Without
     ``--shutdown_timeout`` or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, ranks get
     :data:`SHUTDOWN_TIMEOUT_S` seconds after SIGTERM instead of torchrun's 30.
     """
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
     from torch.distributed.elastic.multiprocessing import api as processes
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -106,11 +109,18 @@ def torchrun(argv: list[str] | None = None) -> int:
     # Installed by torchrun (by this name) when it starts its ranks.
     terminate = processes._terminate_process_handler
     processes._terminate_process_handler = _first_signal_only(terminate)
+    # torchrun waits there (for the other nodes' agents) only once all its ranks exited 0.
+    exit_barrier, ranks_succeeded = SimpleElasticAgent._exit_barrier, []
+    SimpleElasticAgent._exit_barrier = lambda agent: (ranks_succeeded.append(True), exit_barrier(agent))
     try:
         torchrun_main(argv)
     except SignalException as e:
         if e.sigval != signal.SIGTERM:
             raise
+        if ranks_succeeded:
+            # Not retried: a replacement pod could not meet the nodes that finished.
+            print("rmjob-torchrun: SIGTERM after the ranks finished; exit status 0", file=sys.stderr, flush=True)
+            return 0
         print(f"rmjob-torchrun: SIGTERM: ranks stopped; exit status {EXIT_PREEMPTED} (preempted, retryable)",
               file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
@@ -123,6 +133,7 @@ def torchrun(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     finally:
         processes._terminate_process_handler = terminate
+        SimpleElasticAgent._exit_barrier = exit_barrier
     return 0
 
 

@@ -109,9 +109,14 @@ def torchrun(argv: list[str] | None = None) -> int:
     # Installed by torchrun (by this name) when it starts its ranks.
     terminate = processes._terminate_process_handler
     processes._terminate_process_handler = _first_signal_only(terminate)
-    # torchrun waits there (for the other nodes' agents) only once all its ranks exited 0.
     exit_barrier, ranks_succeeded = SimpleElasticAgent._exit_barrier, []
-    SimpleElasticAgent._exit_barrier = lambda agent: (ranks_succeeded.append(True), exit_barrier(agent))
+
+    def exit_barrier_after_success(agent) -> None:
+        # torchrun waits there (for the other nodes' agents) only once all its ranks exited 0.
+        ranks_succeeded.append(True)
+        exit_barrier(agent)
+
+    SimpleElasticAgent._exit_barrier = exit_barrier_after_success
     try:
         torchrun_main(argv)
     except SignalException as e:

@@ -9,7 +9,7 @@ import torch
 
 from rmjob_trainer.model import get_reward
 from rmjob_trainer.packing import VARLEN_SDPA, collate_packed, packed_rewards
-from rmjob_trainer.prefix_sharing import collate_shared, shared_prefix_attention, unshared
+from rmjob_trainer.prefix_sharing import block_masks, collate_shared, shared_prefix_attention, unshared
 
 from test_packing import FAMILIES, PAD, bt_loss, family_model, grads, padded, tiny_model
 
@@ -44,7 +44,7 @@ def test_collate_shared_layout():
     # pair 1: identical, no suffix; pair 2: no common prefix
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 6, 5, 8, 9, 7]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 0, 1, 0]]
-    assert batch["prefix_segments"] == [(0, 4, 0, 0), (4, 5, 0, 2), (5, 6, 5, 0), (6, 8, 6, 0), (8, 9, 6, 0)]
+    assert batch["shared_pairs"] == [(0, 4, 5, 2), (5, 6, 6, 1), (6, 8, 9, 0)]
     # chosen rewards at 3, 5, 7; rejected at 4, 5 (the identical pair: the prefix's last), 8
     assert batch["reward_index"].tolist() == [3, 5, 7, 4, 5, 8]
     assert batch["kv_index"].tolist() == [0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 8]
@@ -52,6 +52,13 @@ def test_collate_shared_layout():
     assert batch["cu_seq_lens_k"].tolist() == [0, 4, 7, 8, 10, 11]
     assert batch["cu_seq_lens_q"].dtype == batch["cu_seq_lens_k"].dtype == torch.int32
     assert (batch["max_length_q"], batch["max_length_k"]) == (4, 4)
+    masks = block_masks(batch["shared_pairs"], torch.device("cpu"))
+    assert masks[0].int().tolist() == [[1, 0, 0, 0, 0],
+                                       [1, 1, 0, 0, 0],
+                                       [1, 1, 1, 0, 0],
+                                       [1, 1, 1, 1, 0],
+                                       [1, 1, 0, 0, 1]]  # [6] sees the prefix [1 2], not [3 4]
+    assert masks[1] is None and masks[2].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
     back = unshared(batch)
     want = collate_packed([[1, 2, 3, 4], [5], [8, 9], [1, 2, 6], [5], [7]])
     assert back.keys() == want.keys()
@@ -221,8 +228,33 @@ def test_non_causal_attention_is_refused():
 def _layout(batch):
     from rmjob_trainer.prefix_sharing import PrefixLayout
 
-    return PrefixLayout(batch["prefix_segments"], batch["kv_index"], batch["cu_seq_lens_q"],
-                        batch["cu_seq_lens_k"], batch["max_length_q"], batch["max_length_k"], None)
+    return PrefixLayout(batch["shared_pairs"], block_masks(batch["shared_pairs"], torch.device("cpu")),
+                        batch["position_ids"][0], batch["kv_index"], batch["cu_seq_lens_q"],
+                        batch["cu_seq_lens_k"], batch["max_length_q"], batch["max_length_k"], None, [])
+
+
+def test_a_model_that_drops_the_layout_is_refused(monkeypatch):
+    """Should a transformers version stop passing unknown keyword arguments to the attention
+    layers, the rejected suffixes would silently lose their prefix: refused instead."""
+    from rmjob_trainer import packing
+
+    model = tiny_model("llama", "sdpa")
+    forward = packing.sdpa_varlen_attention
+
+    def dropping_layer_1(module, *args, **kwargs):
+        if module.layer_idx == 1:
+            kwargs.pop("prefix_layout")
+        return forward(module, *args, **kwargs)
+
+    monkeypatch.setattr(packing, "sdpa_varlen_attention", dropping_layer_1)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_SDPA, dropping_layer_1)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="1 of 2 attention layers"):
+            packed_rewards(model, collate_shared(*chosen_rejected()))
+    finally:
+        AttentionInterface.register(VARLEN_SDPA, forward)
 
 
 def test_eager_models_fall_back_to_unshared_packing_with_one_warning(caplog):

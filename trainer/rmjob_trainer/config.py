@@ -123,7 +123,7 @@ class RewardConfig:
                        "rewards as padded batches, less wasted compute."),
     )
     prefix_sharing: bool = field(
-        default=False,
+        default=True,
         metadata=_help("With --padding_free: compute each pair's shared prefix (the longest common prefix "
                        "of its chosen and rejected token ids, usually the prompt) once; the rejected "
                        "suffix attends to the chosen sequence's copy of it. Same rewards and gradients, "

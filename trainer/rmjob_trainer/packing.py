@@ -91,7 +91,7 @@ def packed_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
     and silently attend across the packed sequences. A batch from
     ``prefix_sharing.collate_shared`` goes to ``prefix_sharing.shared_rewards``.
     """
-    if "prefix_segments" in batch:
+    if "shared_pairs" in batch:
         from rmjob_trainer.prefix_sharing import shared_rewards
 
         return shared_rewards(model, batch)

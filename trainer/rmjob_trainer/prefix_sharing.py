@@ -19,22 +19,26 @@ The layout reaches every attention layer as the ``prefix_layout`` keyword argume
 recomputation under gradient checkpointing sees it too) of the ``sdpa_varlen`` attention
 (packing.py), which hands it to :func:`shared_prefix_attention`:
 
-* SDPA per segment (CPU, and the GPU fallback): ``[P C]`` with ``is_causal``, ``R`` against the
-  keys ``[P R]`` with a causal mask aligned to the last key (and the layer's sliding window).
-  On CPU this is faster than one SDPA call per pair over ``[P C R]`` with a block mask, which
-  also computes the masked ``R x C`` scores (bench/prefix_attention.py, docs/benchmarks.md).
+* SDPA, one call per pair over ``[P C R]`` with a block mask (CPU, and the GPU fallback):
+  causal, except that ``R`` does not see ``C`` (and a windowed layer's window, by position).
+  The masks are built once per forward pass, on the batch's device, for all layers. Measured
+  faster on CPU than SDPA per segment (``[P C]`` with ``is_causal``, then ``R`` against the
+  keys ``[P R]``), although it also computes the masked ``R x C`` scores: fewer calls and no
+  key copies (bench/prefix_attention.py, docs/benchmarks.md).
 * flash-attention varlen (CUDA, fp16/bf16, flash-attn >= 2.1 installed): keys and values
   gathered into ``[P C] [P R]`` per pair (a copy of ``P``'s keys, not a recomputation) and one
   varlen call with ``causal=True``, which flash-attention aligns to the last key when a
-  segment has more keys than queries.
+  segment has more keys than queries. No masked scores are computed.
 
 Correct only where the sequence a token belongs to is given by attention alone and its position
 by ``position_ids`` alone: the rotary families of ``packing.PACKED_FAMILIES`` (learned absolute
 positions such as GPT-2's would also follow ``position_ids``, but are not verified, so such
-models get padded batches as for packing). Models outside those families, models without
-transformers' attention interface, and attention implementations other than sdpa and
-flash-attention (eager, flex) get the same pairs unshared, through :func:`packed_rewards`, with
-one warning.
+models get padded batches as for packing). Models outside those families and attention
+implementations other than sdpa and flash-attention (eager, flex) get the same pairs unshared,
+through :func:`packed_rewards` (which refuses models without transformers' attention
+interface), with one warning. A forward pass in which not every layer received the layout (a
+transformers version that stopped passing keyword arguments through) is an error, not R
+computed without its prefix.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from transformers import PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from rmjob_trainer.model import backbone_of
-from rmjob_trainer.packing import PACKED_FAMILIES, VARLEN_SDPA, _window_mask, packed_batch, packed_rewards
+from rmjob_trainer.packing import PACKED_FAMILIES, VARLEN_SDPA, packed_batch, packed_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +60,29 @@ SHARING_IMPLEMENTATIONS = ("sdpa", VARLEN_SDPA, "flash_attention_2", "flash_atte
 
 
 class PrefixLayout(NamedTuple):
-    """Where each query segment of the row finds its keys (see the module docstring).
+    """Where each pair lies in the row, and how each attention kernel sees it (see the module
+    docstring).
 
-    ``segments``: per segment ``(start, end, prefix_start, prefix_len)``: queries and own keys
-    ``row[start:end]``, preceded by the keys ``row[prefix_start:prefix_start + prefix_len]``.
-    ``kv_index``, ``cu_seq_lens_q/k``, ``max_length_q/k``: the same as a flash-attention varlen
-    call sees it (keys gathered by ``kv_index``). ``flash``: the flash-attention implementation
-    to use on CUDA, or None.
+    ``pairs``: per pair ``(start, chosen_end, end, shared)``: ``[P C]`` is
+    ``row[start:chosen_end]``, ``R`` is ``row[chosen_end:end]``, ``P`` its first ``shared``
+    tokens. ``masks``: per pair the block mask ``[n, n]`` (None where plain causal attention is
+    right: no ``R``), ``positions``: the row's position ids ``[total]`` (windows are by position).
+    ``kv_index``, ``cu_seq_lens_q/k``, ``max_length_q/k``: the segments ``[P C]``, ``R`` as a
+    flash-attention varlen call sees them (keys gathered by ``kv_index``). ``flash``: the
+    flash-attention implementation to use on CUDA, or None. ``calls``: one entry per attention
+    call that used the layout (checked after the forward pass).
     """
 
-    segments: list[tuple[int, int, int, int]]
+    pairs: list[tuple[int, int, int, int]]
+    masks: list[torch.Tensor | None]
+    positions: torch.Tensor
     kv_index: torch.Tensor
     cu_seq_lens_q: torch.Tensor
     cu_seq_lens_k: torch.Tensor
     max_length_q: int
     max_length_k: int
     flash: str | None
+    calls: list[str]
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -83,42 +94,43 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 def collate_shared(chosen: list[list[int]], rejected: list[list[int]]) -> dict:
     """Pairs packed into one row, each common prefix once.
 
-    Returns ``input_ids`` and ``position_ids`` ``[1, total]``, the layout (``prefix_segments``,
-    ``kv_index``, ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``),
-    ``reward_index`` ``[2n]`` (where each chosen, then each rejected reward is read) and, to
-    rebuild the unshared sequences, ``sequence_index`` and ``seq_lens`` (chosen, then rejected).
+    Returns ``input_ids`` and ``position_ids`` ``[1, total]``, ``shared_pairs`` (the
+    ``PrefixLayout.pairs``), the varlen segments (``kv_index``, ``cu_seq_lens_q``,
+    ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``), ``reward_index`` ``[2n]`` (where each
+    chosen, then each rejected reward is read) and, to rebuild the unshared sequences,
+    ``sequence_index`` and ``seq_lens`` (chosen, then rejected).
     """
     if not chosen or len(chosen) != len(rejected) or any(len(s) == 0 for s in chosen + rejected):
         raise ValueError("collate_shared needs as many chosen as rejected sequences, at least one, none empty")
     tokens: list[int] = []
     positions: list[int] = []
-    segments: list[tuple[int, int, int, int]] = []
+    pairs: list[tuple[int, int, int, int]] = []
     kv_index: list[int] = []
+    q_lens: list[int] = []
+    k_lens: list[int] = []
     chosen_last, rejected_last, chosen_index, rejected_index = [], [], [], []
     for c, r in zip(chosen, rejected):
         shared = common_prefix_length(c, r)
         start = len(tokens)
-        tokens += c
-        positions += range(len(c))
-        segments.append((start, start + len(c), start, 0))
-        kv_index += range(start, start + len(c))
-        chosen_last.append(start + len(c) - 1)
-        chosen_index += range(start, start + len(c))
-        rejected_index += range(start, start + shared)
-        suffix_start = len(tokens)
-        if len(r) > shared:
-            tokens += r[shared:]
-            positions += range(shared, len(r))
-            segments.append((suffix_start, len(tokens), start, shared))
-            kv_index += [*range(start, start + shared), *range(suffix_start, len(tokens))]
-            rejected_index += range(suffix_start, len(tokens))
-        rejected_last.append(len(tokens) - 1 if len(r) > shared else start + shared - 1)
-    q_lens = [end - start for start, end, _, _ in segments]
-    k_lens = [end - start + prefix_len for start, end, _, prefix_len in segments]
+        tokens += c + r[shared:]
+        positions += [*range(len(c)), *range(shared, len(r))]
+        chosen_end, end = start + len(c), len(tokens)
+        pairs.append((start, chosen_end, end, shared))
+        chosen_index += range(start, chosen_end)
+        rejected_index += [*range(start, start + shared), *range(chosen_end, end)]
+        chosen_last.append(chosen_end - 1)
+        rejected_last.append(end - 1 if end > chosen_end else start + shared - 1)
+        kv_index += range(start, chosen_end)
+        q_lens.append(len(c))
+        k_lens.append(len(c))
+        if end > chosen_end:
+            kv_index += [*range(start, start + shared), *range(chosen_end, end)]
+            q_lens.append(end - chosen_end)
+            k_lens.append(len(r))
     return {
         "input_ids": torch.tensor([tokens]),
         "position_ids": torch.tensor([positions]),
-        "prefix_segments": segments,
+        "shared_pairs": pairs,
         "kv_index": torch.tensor(kv_index),
         "cu_seq_lens_q": _cumulative(q_lens),
         "cu_seq_lens_k": _cumulative(k_lens),
@@ -152,13 +164,34 @@ def shared_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
     if model.config._attn_implementation != VARLEN_SDPA:
         model._rmjob_flash = _flash_implementation(model, batch["input_ids"].device)
         model.set_attn_implementation(VARLEN_SDPA)
-    layout = PrefixLayout(batch["prefix_segments"], batch["kv_index"], batch["cu_seq_lens_q"],
+    layout = PrefixLayout(batch["shared_pairs"], block_masks(batch["shared_pairs"], batch["input_ids"].device),
+                          batch["position_ids"][0], batch["kv_index"], batch["cu_seq_lens_q"],
                           batch["cu_seq_lens_k"], batch["max_length_q"], batch["max_length_k"],
-                          getattr(model, "_rmjob_flash", None))
+                          getattr(model, "_rmjob_flash", None), [])
     backbone = backbone_of(model)
     hidden = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                       prefix_layout=layout).last_hidden_state
+    if len(layout.calls) != model.config.num_hidden_layers:
+        # A layer that did not get the layout attended by position_ids alone: R without its prefix.
+        raise RuntimeError(f"prefix_sharing: {len(layout.calls)} of {model.config.num_hidden_layers} attention "
+                           f"layers of {type(model).__name__} received the shared layout (this transformers "
+                           "version does not pass it through); set prefix_sharing to false")
     return model.score(hidden[0, batch["reward_index"]]).squeeze(-1)
+
+
+def block_masks(pairs: list[tuple[int, int, int, int]], device: torch.device) -> list[torch.Tensor | None]:
+    """Per pair, which keys each query of ``[P C R]`` sees: the earlier tokens of the row, except
+    that ``R`` does not see ``C``. None for a pair without ``R`` (plain causal)."""
+    masks: list[torch.Tensor | None] = []
+    for start, chosen_end, end, shared in pairs:
+        if end == chosen_end:
+            masks.append(None)
+            continue
+        index = torch.arange(end - start, device=device)
+        mask = index[:, None] >= index[None, :]
+        mask[chosen_end - start:, shared:chosen_end - start] = False
+        masks.append(mask)
+    return masks
 
 
 def _cannot_share(model: PreTrainedModel) -> str | None:
@@ -195,19 +228,18 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     causal = kwargs.pop("is_causal", None)
     if not (getattr(module, "is_causal", True) if causal is None else causal):
         raise ValueError("prefix_sharing: the layer's attention is not causal, so a prefix would see its suffixes")
+    layout.calls.append("flash" if _use_flash(layout, query) else "sdpa")
     if _use_flash(layout, query):
         return _flash_attention(query, key, value, layout, sliding_window, **kwargs), None
     outputs = []
-    for start, end, prefix_start, prefix_len in layout.segments:
-        keys, values = key[:, :, start:end], value[:, :, start:end]
-        if prefix_len:
-            keys = torch.cat([key[:, :, prefix_start:prefix_start + prefix_len], keys], 2)
-            values = torch.cat([value[:, :, prefix_start:prefix_start + prefix_len], values], 2)
-        mask = None
-        if prefix_len or (sliding_window is not None and end - start > 1):
-            # queries are the last end - start of the keys; without a window every earlier key is seen
-            mask = _window_mask(end - start, keys.shape[2], sliding_window or keys.shape[2], True, query.device)
-        output, _ = sdpa_attention_forward(module, query[:, :, start:end], keys, values, mask, **kwargs)
+    for (start, _, end, _), mask in zip(layout.pairs, layout.masks):
+        if sliding_window is not None and end - start > 1:
+            positions = layout.positions[start:end]
+            window = (positions[:, None] - positions[None, :]) < sliding_window
+            mask = window & (torch.ones_like(window).tril() if mask is None else mask)
+        output, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
+                                           value[:, :, start:end], None if mask is None else mask[None, None],
+                                           **kwargs)
         outputs.append(output)
     return torch.cat(outputs, 1), None
 

@@ -61,31 +61,33 @@ def test_a_job_the_tightened_policy_would_refuse_still_takes_metadata_writes(kub
         message = wait_until(lambda: refused(kubectl, ns, "rm-probe", shared), 30, "the tightened policy in force")
         assert "serviceAccountName must be the job's own NAME-trainer account" in message, message
 
-        kubectl("label", "rmj", "rm-adm", "-n", ns, "team=a")
-        kubectl("annotate", "rmj", "rm-adm", "-n", ns, "note=kept")
+        kubectl("label", "rewardmodeljobs.rmjob.dev", "rm-adm", "-n", ns, "team=a")
+        kubectl("annotate", "rewardmodeljobs.rmjob.dev", "rm-adm", "-n", ns, "note=kept")
         # An edit of a field the policy does not judge.
-        kubectl("patch", "rmj", "rm-adm", "-n", ns, "--type=merge",
+        kubectl("patch", "rewardmodeljobs.rmjob.dev", "rm-adm", "-n", ns, "--type=merge",
                 "-p", json.dumps({"spec": {"trainer": {"learningRate": 1e-5}}}))
 
         # Spec changes that break the policy are still refused.
         for change in ({"resources": {"serviceAccountName": "other"}},
                        {"resources": {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}}):
-            result = kubectl("patch", "rmj", "rm-adm", "-n", ns, "--type=merge",
+            result = kubectl("patch", "rewardmodeljobs.rmjob.dev", "rm-adm", "-n", ns, "--type=merge",
                              "-p", json.dumps({"spec": change}), check=False)
             assert result.returncode != 0 and "Forbidden" in result.stderr, (change, result.stderr)
         # Moving to an account the policy allows is fine.
-        own = kubectl("patch", "rmj", "rm-adm", "-n", ns, "--type=merge", "--dry-run=server",
-                      "-p", json.dumps({"spec": {"resources": {"serviceAccountName": "rm-adm-trainer"}}}), check=False)
+        own = kubectl("patch", "rewardmodeljobs.rmjob.dev", "rm-adm", "-n", ns, "--type=merge",
+                      "--dry-run=server", "-p", json.dumps({"spec": {"resources": {
+                          "serviceAccountName": "rm-adm-trainer"}}}), check=False)
         assert own.returncode == 0, own.stderr
 
         # Deleting waits for the finalizer; the controller that holds it removes it: an UPDATE.
-        kubectl("delete", "rmj", "rm-adm", "-n", ns, "--wait=false")
-        kubectl("patch", "rmj", "rm-adm", "-n", ns, "--type=json",
+        kubectl("delete", "rewardmodeljobs.rmjob.dev", "rm-adm", "-n", ns, "--wait=false")
+        kubectl("patch", "rewardmodeljobs.rmjob.dev", "rm-adm", "-n", ns, "--type=json",
                 "-p", json.dumps([{"op": "remove", "path": "/metadata/finalizers"}]))
-        wait_until(lambda: get_or_none(kubectl, "rmj", "rm-adm", "-n", ns) is None, 30, "the job gone")
+        wait_until(lambda: get_or_none(kubectl, "rewardmodeljobs.rmjob.dev", "rm-adm", "-n", ns) is None,
+                   30, "the job gone")
     finally:
         for obj in objects:
             kubectl("delete", obj["kind"], obj["metadata"]["name"], "--ignore-not-found", "--wait=false", check=False)
         # Without the policy, so that a failed run never leaves a namespace that cannot go.
-        kubectl("patch", "rmj", "rm-adm", "-n", ns, "--type=json",
+        kubectl("patch", "rewardmodeljobs.rmjob.dev", "rm-adm", "-n", ns, "--type=json",
                 "-p", json.dumps([{"op": "remove", "path": "/metadata/finalizers"}]), check=False)

@@ -36,7 +36,7 @@ def operator(cluster, kubectl, rmj_crd, ns, start_operator, tmp_path_factory):
 
 def create(kubectl, ns: str, name: str, spec: dict) -> dict:
     kubectl("apply", "-f", "-", input=json.dumps(rmj(name, ns, spec)))
-    return get_json(kubectl, "rmj", name, "-n", ns)
+    return get_json(kubectl, "rewardmodeljobs.rmjob.dev", name, "-n", ns)
 
 
 def events(kubectl, ns: str, name: str) -> list[dict]:
@@ -113,11 +113,11 @@ def test_a_child_name_held_by_someone_else_gets_a_condition_and_one_event_withou
         assert created["message"].startswith(f"{kind} {child} already exists and does not belong to this job")
         assert not owned_by(get_json(kubectl, kind.lower(), child, "-n", ns), job)
         wait_until(lambda name=name: events(kubectl, ns, name), 30, "an Event")
-    before = {name: (get_json(kubectl, "rmj", name, "-n", ns)["metadata"]["resourceVersion"],
+    before = {name: (get_json(kubectl, "rewardmodeljobs.rmjob.dev", name, "-n", ns)["metadata"]["resourceVersion"],
                      len(events(kubectl, ns, name)), operator.log().count(name))
               for name in ("rm-taken", "rm-held")}
     time.sleep(15)  # three of the 5 s retries a loop would make
-    after = {name: (get_json(kubectl, "rmj", name, "-n", ns)["metadata"]["resourceVersion"],
+    after = {name: (get_json(kubectl, "rewardmodeljobs.rmjob.dev", name, "-n", ns)["metadata"]["resourceVersion"],
                     len(events(kubectl, ns, name)), operator.log().count(name))
              for name in ("rm-taken", "rm-held")}
     assert after == before

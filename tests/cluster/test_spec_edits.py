@@ -37,7 +37,7 @@ def started(kubectl, ns: str, name: str) -> dict:
 
 
 def edit(kubectl, ns: str, name: str, spec: dict) -> None:
-    kubectl("patch", "rmj", name, "-n", ns, "--type=merge", "-p", json.dumps({"spec": spec}))
+    kubectl("patch", "rewardmodeljobs.rmjob.dev", name, "-n", ns, "--type=merge", "-p", json.dumps({"spec": spec}))
 
 
 def refusal(kubectl, ns: str, name: str, status: str) -> dict:
@@ -56,7 +56,7 @@ def events(kubectl, ns: str, name: str, reason: str) -> list[dict]:
 def test_the_snapshot_holds_the_stored_spec_and_a_real_edit_is_refused(kubectl, ns, operator):
     job = started(kubectl, ns, "rm-edit")
     snapshot = json.loads(job["metadata"]["annotations"]["rmjob.dev/spec-snapshot"])
-    stored = get_json(kubectl, "rmj", "rm-edit", "-n", ns)["spec"]
+    stored = get_json(kubectl, "rewardmodeljobs.rmjob.dev", "rm-edit", "-n", ns)["spec"]
     # What the API server stored: the CRD's defaults of the fields the job left out included.
     assert snapshot["spec.trainer.loraDropout"] == stored["trainer"]["loraDropout"] == 0
     assert snapshot["spec.trainer.learningRate"] == stored["trainer"]["learningRate"]

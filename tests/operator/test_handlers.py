@@ -271,7 +271,8 @@ async def test_a_workload_of_an_operator_that_kept_a_hash_adopts_the_spec_once(c
     await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"runPolicy": {"suspend": True}}})
     await wait_for(lambda: cluster.get(JOBS, "rm-test")["spec"]["suspend"] is True, message="suspend applied")
     assert condition(rmj(cluster), "SpecChangeRefused") is None
-    adopted = await wait_for(lambda: [e for e in cluster.events_for("rm-test") if e["reason"] == "SpecSnapshotAdopted"])
+    adopted = await wait_for(lambda: [e for e in cluster.events_for("rm-test")
+                                      if e["reason"] == "SpecSnapshotAdopted"])
     assert len(adopted) == 1 and "generation 2" in adopted[0]["message"]
     annotations = cluster.get(JOBS, "rm-test")["metadata"]["annotations"]
     assert "rmjob.dev/spec-hash" not in annotations
@@ -619,8 +620,8 @@ async def test_a_finished_workload_removed_by_its_ttl_leaves_the_job_succeeded(c
         await asyncio.sleep(0.5)
         # An edit finds no workload to apply it to, and creates none.
         await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"runPolicy": {"ttlSecondsAfterFinished": 60}}})
-        await wait_for(lambda: json.loads(rmj(cluster)["status"]["kopf"]["lastHandledSpec"])["spec"].get("runPolicy", {}).get(
-            "ttlSecondsAfterFinished") == 60, message="the edit handled")
+        await wait_for(lambda: json.loads(rmj(cluster)["status"]["kopf"]["lastHandledSpec"])["spec"].get(
+            "runPolicy", {}).get("ttlSecondsAfterFinished") == 60, message="the edit handled")
     async with running_operator():
         await asyncio.sleep(1)
     after = rmj(cluster)["status"]

@@ -663,4 +663,11 @@ async def job_seen(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     if event["type"] == "DELETED":
         metrics.JOB_PHASES.forget(uid)
     else:
-        metrics.JOB_PHASES.observe(uid, (body.get("status") or {}).get("phase"))
+        metrics.JOB_PHASES.observe(uid, body["metadata"]["namespace"], (body.get("status") or {}).get("phase"))
+
+
+@kopf.on.startup()
+async def prune_jobs_gauge(memo: kopf.Memo, **_: Any) -> None:
+    """Jobs deleted while no watch was open (a standby replica) leave the gauge too."""
+    if metrics.SERVING.is_set():
+        memo.jobs_gauge_pruner = asyncio.create_task(metrics.JOB_PHASES.keep_pruned(memo.kube))

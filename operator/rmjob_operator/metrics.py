@@ -9,8 +9,12 @@
   phase that empties drops to 0 instead of vanishing.
 
 The job gauge is computed at scrape time from what the watch last said about each job, and a
-deleted job leaves it with its DELETED event. The standby replica of a peering pair does not
-watch: its gauge keeps the values from when it last was active.
+deleted job leaves it with its DELETED event. A job deleted while no watch was open (a standby
+replica of a peering pair, whose watches kopf closes; the gap of a watch restart) sends no
+DELETED event, and the listing that follows cannot say what is gone: while /metrics is served,
+the namespaces holding jobs are listed every :data:`PRUNE_INTERVAL_S` seconds and the jobs no
+longer there leave the gauge. A standby replica's phases keep the values from when it last
+was active.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,9 +32,15 @@ import kopf
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from rmjob_operator import GROUP, PLURAL, VERSION
+from rmjob_operator.kube import KubeApi
 from rmjob_operator.spec import PHASES
 
 UNKNOWN_PHASE = "Unknown"
+# One LIST per namespace that holds jobs, this often: the delay before a job deleted unseen
+# leaves the gauge.
+PRUNE_INTERVAL_S = 30.0
+logger = logging.getLogger(__name__)
 
 RECONCILIATIONS = Counter(
     "rmjob_operator_reconciliations", "Handler runs, by handler and outcome.", ["handler", "outcome"])
@@ -96,23 +107,57 @@ def instrumented(handler: str) -> Callable[[Callable], Callable]:
 
 
 class JobPhases:
-    """Each watched job's last known phase, by uid; a Prometheus collector of their counts."""
+    """Each watched job's namespace and last known phase, by uid; a Prometheus collector of
+    their counts."""
 
     def __init__(self) -> None:
-        self._phases: dict[str, str] = {}
+        # uid -> (namespace, phase, the observation's number: prune spares what it did not list)
+        self._jobs: dict[str, tuple[str, str, int]] = {}
+        self._observations = 0
         self._lock = threading.Lock()  # the scrape runs in the HTTP server's thread
 
-    def observe(self, uid: str, phase: str | None) -> None:
+    def observe(self, uid: str, namespace: str, phase: str | None) -> None:
         with self._lock:
-            self._phases[uid] = phase or UNKNOWN_PHASE
+            self._observations += 1
+            self._jobs[uid] = (namespace, phase or UNKNOWN_PHASE, self._observations)
 
     def forget(self, uid: str) -> None:
         with self._lock:
-            self._phases.pop(uid, None)
+            self._jobs.pop(uid, None)
+
+    def namespaces(self) -> set[str]:
+        with self._lock:
+            return {namespace for namespace, _, _ in self._jobs.values()}
+
+    def mark(self) -> int:
+        """Call before listing; pass the result to :meth:`prune` with what the listing found."""
+        with self._lock:
+            return self._observations
+
+    def prune(self, namespace: str, listed_uids: set[str], mark: int) -> None:
+        """Forget the jobs of ``namespace`` that a listing begun at ``mark`` did not find, except
+        those observed since (created after the listing)."""
+        with self._lock:
+            self._jobs = {uid: job for uid, job in self._jobs.items()
+                          if job[0] != namespace or uid in listed_uids or job[2] > mark}
+
+    async def keep_pruned(self, kube: KubeApi, interval: float = PRUNE_INTERVAL_S) -> None:
+        """Runs until cancelled: every ``interval`` seconds, prunes each namespace holding jobs."""
+        while True:
+            await asyncio.sleep(interval)
+            for namespace in sorted(self.namespaces()):
+                mark = self.mark()
+                try:
+                    listing = await kube.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}")
+                except Exception as error:  # the next round tries again; the gauge waits meanwhile
+                    logger.warning("cannot list the jobs of %s for the jobs gauge: %s", namespace, error)
+                    continue
+                listed = {item["metadata"]["uid"] for item in (listing or {}).get("items", [])}
+                self.prune(namespace, listed, mark)
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            phases = list(self._phases.values())
+            phases = [phase for _, phase, _ in self._jobs.values()]
         return {phase: phases.count(phase) for phase in (*PHASES, UNKNOWN_PHASE)}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -141,7 +186,11 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+SERVING = threading.Event()  # set once /metrics is served: the gauge is pruned only then
+
+
 def serve(address: str) -> None:
     """Serve /metrics on ``address`` from a thread of its own; OSError if it cannot bind."""
     host, port = parse_address(address)
     start_http_server(port, addr=host)
+    SERVING.set()

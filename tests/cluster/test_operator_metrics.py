@@ -74,3 +74,55 @@ def _scrape_or_none(port: int) -> dict | None:
         return scrape(port)
     except OSError:
         return None
+
+
+# --- a job deleted while the operator did not watch (issue 9 review) -------------------------
+
+import datetime  # noqa: E402
+
+from operator_harness import OperatorIdentity as _Identity  # noqa: E402
+from rmj import get_or_none  # noqa: E402
+
+from rmjob_operator.metrics import PRUNE_INTERVAL_S  # noqa: E402
+
+
+@pytest.mark.timeout(240)
+def test_a_job_deleted_while_the_replica_stood_by_leaves_the_gauge(cluster, kubectl, namespace, rmj_crd,
+                                                                   start_operator, tmp_path):
+    """A replica of a peering pair stands by while a peer of higher priority lives (kopf closes
+    its watches) and lists the jobs again when it resumes: a job deleted meanwhile sends it no
+    DELETED event, and must not stay in rmjob_operator_jobs. The peer is an entry the test writes
+    into the peering object, as a second replica's keep-alive does."""
+    identity = _Identity(cluster, kubectl, tmp_path, f"watchNamespaces={{{namespace}}}", "peering.enabled=true")
+    try:
+        peering = next(o for o in identity.objects if o["kind"] == "KopfPeering")["metadata"]["name"]
+        port = free_port()
+        operator = start_operator([namespace], f"--peering={peering}", f"--metrics-address=127.0.0.1:{port}",
+                                  identity=identity)
+        wait_until(lambda: _scrape_or_none(port), 60, "the operator's /metrics")
+        kubectl("apply", "-f", "-", input=json.dumps(rmj("rm-standby", namespace, cpu_spec(
+            runPolicy={"suspend": True}))))
+        wait_until(lambda: sum(jobs_by_phase(scrape(port)).values()) == 1 or None, 60, "the job in the gauge")
+
+        def peer(lifetime: int) -> None:
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            kubectl("patch", "kopfpeering", peering, "-n", namespace, "--type=merge", "-p", json.dumps(
+                {"status": {"test-peer": {"priority": 10**18, "lifetime": lifetime, "lastseen": now}}}))
+
+        peer(600)
+        wait_until(lambda: "Pausing operations" in operator.log() or None, 60, "the replica standing by")
+        kubectl("delete", "rmj", "rm-standby", "-n", namespace)
+        wait_until(lambda: get_or_none(kubectl, "rmj", "rm-standby", "-n", namespace) is None or None, 60,
+                   "the job gone")
+        kubectl("patch", "kopfpeering", peering, "-n", namespace, "--type=merge", "-p",
+                json.dumps({"status": {"test-peer": None}}))
+        wait_until(lambda: "Resuming operations" in operator.log() or None, 90, "the replica active again")
+
+        def emptied():
+            samples = scrape(port)
+            return samples if set(jobs_by_phase(samples).values()) == {0} else None
+
+        # The listing after the pause cannot say what is gone: the periodic one does.
+        wait_until(emptied, PRUNE_INTERVAL_S + 30, "rmjob_operator_jobs back to 0 after the replica resumed")
+    finally:
+        identity.delete()

@@ -3,6 +3,7 @@ jobs-by-phase gauge, and the --metrics-address flag."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import urllib.request
 
@@ -46,11 +47,11 @@ def test_sync_handlers_stay_sync():
 
 def test_job_gauge_follows_phases_and_deletions():
     phases = metrics.JobPhases()
-    phases.observe("a", None)
-    phases.observe("b", "Running")
-    phases.observe("c", "Running")
-    phases.observe("a", "Running")  # the same job, moved on: counted once
-    phases.observe("b", "Succeeded")
+    phases.observe("a", "ns", None)
+    phases.observe("b", "ns", "Running")
+    phases.observe("c", "ns", "Running")
+    phases.observe("a", "ns", "Running")  # the same job, moved on: counted once
+    phases.observe("b", "ns", "Succeeded")
     phases.forget("c")
     phases.forget("unknown")  # a job deleted before it was seen: nothing to do
     [family] = phases.collect()
@@ -84,3 +85,48 @@ def test_served_on_the_given_address():
     metrics.serve(f"127.0.0.1:{port}")
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "rmjob_operator_jobs{phase=\"Running\"}" in text
+
+
+def test_prune_forgets_unlisted_jobs_of_the_namespace_only():
+    phases = metrics.JobPhases()
+    phases.observe("kept", "a", "Running")
+    phases.observe("deleted-unseen", "a", "Running")
+    phases.observe("elsewhere", "b", "Running")
+    mark = phases.mark()
+    phases.observe("created-while-listing", "a", "Pending")  # after the listing began: not in it
+    phases.prune("a", {"kept"}, mark)
+    assert phases.counts()["Running"] == 2 and phases.counts()["Pending"] == 1
+    assert phases.namespaces() == {"a", "b"}
+
+
+class ListingKube:
+    """KubeApi's ``get`` for the job lists: the uids in ``listed`` by namespace; ``failing``
+    namespaces answer with an error."""
+
+    def __init__(self, listed: dict[str, list[str]], failing: set[str] = frozenset()):
+        self.listed, self.failing, self.paths = listed, failing, []
+
+    async def get(self, path: str) -> dict:
+        self.paths.append(path)
+        namespace = path.split("/")[5]
+        if namespace in self.failing:
+            raise OSError("connection refused")
+        return {"items": [{"metadata": {"uid": uid}} for uid in self.listed.get(namespace, [])]}
+
+
+async def test_keep_pruned_lists_each_namespace_holding_jobs():
+    phases = metrics.JobPhases()
+    for uid, namespace in (("gone", "a"), ("here", "a"), ("gone-too", "b"), ("unknown", "c")):
+        phases.observe(uid, namespace, "Succeeded")
+    kube = ListingKube({"a": ["here"], "b": []}, failing={"c"})
+    pruner = asyncio.create_task(phases.keep_pruned(kube, interval=0.01))
+    try:
+        for _ in range(200):
+            if len(kube.paths) >= 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        pruner.cancel()
+    assert sorted(kube.paths[:3]) == [f"/apis/rmjob.dev/v1alpha1/namespaces/{ns}/rewardmodeljobs" for ns in "abc"]
+    # c's listing failed: its job stays until a listing says otherwise.
+    assert phases.counts()["Succeeded"] == 2 and phases.namespaces() == {"a", "c"}

@@ -155,6 +155,20 @@ def test_in_cluster_credentials_from_the_service_account_dir_override(in_cluster
     assert Recorder.authorizations == ["bearer pod-bound-token"]
 
 
+def test_the_in_cluster_env_of_a_replaced_os_environ_is_read(in_cluster: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """datasets' map with num_proc replaces os.environ by a copy, after which the environment of
+    the kubernetes client's import (its loader's default) is no longer the process's."""
+    import os
+
+    import kubernetes.config.incluster_config  # noqa: F401  (imported before the replacement)
+
+    replaced = os.environ
+    monkeypatch.setattr(os, "environ", dict(replaced))
+    monkeypatch.delitem(replaced, "KUBERNETES_SERVICE_HOST")
+    reporter = StatusReporter.from_env()
+    assert reporter is not None and reporter.report({"step": 1})
+
+
 def test_the_token_file_line_end_is_left_out_of_every_request(in_cluster: Path) -> None:
     """Not only the first: a header with a line end is refused by http.client, so every later
     report would fail."""

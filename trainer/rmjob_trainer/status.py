@@ -51,8 +51,11 @@ def _in_cluster_configuration(account_dir: str) -> Configuration:
     from kubernetes.config.incluster_config import InClusterConfigLoader
 
     configuration = Configuration()
+    # The loader's default environment is the os.environ of its import, which a later
+    # replacement of os.environ (datasets' map with num_proc does one) leaves behind.
     InClusterConfigLoader(token_filename=os.path.join(account_dir, "token"),
-                          cert_filename=os.path.join(account_dir, "ca.crt")).load_and_set(configuration)
+                          cert_filename=os.path.join(account_dir, "ca.crt"),
+                          environ=os.environ).load_and_set(configuration)
     refresh = configuration.refresh_api_key_hook
 
     def refresh_without_line_end(config: Configuration) -> None:

@@ -237,3 +237,52 @@ def test_an_evicted_pod_keeps_its_disruption_condition_so_the_job_replaces_it(ku
                     None)
 
     assert wait_until(finished, 180, "the Job to finish") == "Complete", pod_runner.errors
+
+
+@pytest.mark.timeout(900)
+def test_a_retained_claim_outlives_its_job_and_a_job_of_that_name_mounts_it_again(kubectl, namespace, rmj_crd,
+                                                                                 start_operator):
+    """retainOnDelete against the real garbage collector: the claim stays when its job is
+    deleted and the next job of that name gets its workload on that same claim; without
+    retainOnDelete the claim goes with its job. Suspended jobs: no pod needs to run."""
+    operator = start_operator([namespace])
+
+    def spec(retain: bool) -> dict:
+        return {"trainer": {"modelNameOrPath": "m", "datasetMixer": {"d": 1.0}},
+                "resources": {"gpusPerNode": 0}, "storage": {"size": "1Gi", "retainOnDelete": retain},
+                "runPolicy": {"backend": "job", "suspend": True}}
+
+    def run(name: str, retain: bool) -> dict:
+        kubectl("apply", "-f", "-", input=json.dumps(rmj(name, namespace, spec(retain))))
+        wait_for_phase(kubectl, namespace, name, "Suspended", 60, operator)
+        return get_json(kubectl, "pvc", f"{name}-output", "-n", namespace)
+
+    def delete_job(name: str) -> None:
+        kubectl("delete", "rmj", name, "-n", namespace)
+        # The garbage collector of this shared cluster can take a minute or more.
+        wait_until(lambda: get_or_none(kubectl, "job", name, "-n", namespace) is None or None, 300,
+                   f"Job {name} collected")
+
+    try:
+        retained = run("rm-kept", True)
+        assert not retained["metadata"].get("ownerReferences")
+        delete_job("rm-kept")
+        assert get_json(kubectl, "pvc", "rm-kept-output", "-n", namespace)["metadata"]["uid"] == \
+            retained["metadata"]["uid"]
+        again = run("rm-kept", True)
+        assert again["metadata"]["uid"] == retained["metadata"]["uid"]
+        volumes = get_json(kubectl, "job", "rm-kept", "-n", namespace)["spec"]["template"]["spec"]["volumes"]
+        assert {"claimName": "rm-kept-output"} in [v.get("persistentVolumeClaim") for v in volumes]
+
+        owned = run("rm-owned", False)
+        assert [ref["kind"] for ref in owned["metadata"]["ownerReferences"]] == ["RewardModelJob"]
+        delete_job("rm-owned")
+
+        def collected():  # a cluster started without the pvc-protection controller keeps it Terminating
+            claim = get_or_none(kubectl, "pvc", "rm-owned-output", "-n", namespace)
+            return claim is None or bool(claim["metadata"].get("deletionTimestamp")) or None
+
+        wait_until(collected, 300, "the job's own claim collected with it")
+    finally:
+        release(kubectl, namespace, "rm-kept-output")
+        release(kubectl, namespace, "rm-owned-output")

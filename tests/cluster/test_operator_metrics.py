@@ -59,7 +59,7 @@ def test_metrics_move_while_the_operator_reconciles(kubectl, namespace, rmj_crd,
     assert jobs_by_phase(during) == {"Pending": 0, "Running": 0, "Succeeded": 1, "Failed": 0, "Suspended": 0,
                                      "Unknown": 0}
 
-    kubectl("delete", "rmj", "rm-metrics", "-n", namespace)
+    kubectl("delete", "rewardmodeljobs.rmjob.dev", "rm-metrics", "-n", namespace)
     def emptied():
         samples = scrape(port)
         return samples if set(jobs_by_phase(samples).values()) == {0} else None
@@ -111,9 +111,9 @@ def test_a_job_deleted_while_the_replica_stood_by_leaves_the_gauge(cluster, kube
 
         peer(600)
         wait_until(lambda: "Pausing operations" in operator.log() or None, 60, "the replica standing by")
-        kubectl("delete", "rmj", "rm-standby", "-n", namespace)
-        wait_until(lambda: get_or_none(kubectl, "rmj", "rm-standby", "-n", namespace) is None or None, 60,
-                   "the job gone")
+        kubectl("delete", "rewardmodeljobs.rmjob.dev", "rm-standby", "-n", namespace)
+        wait_until(lambda: get_or_none(kubectl, "rewardmodeljobs.rmjob.dev", "rm-standby", "-n", namespace) is None
+                   or None, 60, "the job gone")
         kubectl("patch", "kopfpeering", peering, "-n", namespace, "--type=merge", "-p",
                 json.dumps({"status": {"test-peer": None}}))
         wait_until(lambda: "Resuming operations" in operator.log() or None, 90, "the replica active again")

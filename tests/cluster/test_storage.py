@@ -147,7 +147,7 @@ def test_created_claim_survives_two_interrupted_pods_and_the_run_resumes_from_ch
     kubectl("apply", "-f", "-", input=json.dumps(rmj(NAME, namespace, job_spec(data_dir))))
     volume = bind_claim(kubectl, namespace, f"{NAME}-output", output)
     try:
-        job = get_json(kubectl, "rmj", NAME, "-n", namespace)
+        job = get_json(kubectl, "rewardmodeljobs.rmjob.dev", NAME, "-n", namespace)
         claim = get_json(kubectl, "pvc", f"{NAME}-output", "-n", namespace)
         assert [ref["uid"] for ref in claim["metadata"]["ownerReferences"]] == [job["metadata"]["uid"]]
 
@@ -184,7 +184,7 @@ def test_created_claim_survives_two_interrupted_pods_and_the_run_resumes_from_ch
             {k: v for k, v in expected.items() if k != "run_name"}
         assert (output / "model.safetensors").exists() or list(output.glob("*.safetensors"))
     finally:
-        kubectl("delete", "rmj", NAME, "-n", namespace, "--wait=false", check=False)
+        kubectl("delete", "rewardmodeljobs.rmjob.dev", NAME, "-n", namespace, "--wait=false", check=False)
         release(kubectl, namespace, f"{NAME}-output", volume)
 
 
@@ -258,7 +258,7 @@ def test_a_retained_claim_outlives_its_job_and_a_job_of_that_name_mounts_it_agai
         return get_json(kubectl, "pvc", f"{name}-output", "-n", namespace)
 
     def delete_job(name: str) -> None:
-        kubectl("delete", "rmj", name, "-n", namespace)
+        kubectl("delete", "rewardmodeljobs.rmjob.dev", name, "-n", namespace)
         # The garbage collector of this shared cluster can take a minute or more.
         wait_until(lambda: get_or_none(kubectl, "job", name, "-n", namespace) is None or None, 300,
                    f"Job {name} collected")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -189,6 +190,23 @@ def spec_snapshot(spec: dict) -> dict:
     not see a change in a job that kept the value it was created with.
     """
     return {path: value for path, value in spec_fields(spec).items() if path not in SAFE_PATHS}
+
+
+def matches_legacy_hash(spec: dict, legacy_hash: str | None) -> bool:
+    """Whether ``spec`` is what an operator that kept only rmjob.dev/spec-hash rendered the
+    workload from. Its hashes (the values off their defaults, or the full dump, both without
+    the safe fields) still match while the defaults are those of that operator."""
+    try:
+        parsed = parse_spec(dict(spec))
+    except InvalidSpec:
+        return False
+    changed = parsed.model_dump(by_alias=True, mode="json", exclude_defaults=True)
+    run_policy = {k: v for k, v in changed.pop("runPolicy", {}).items() if k not in SAFE_FIELDS}
+    full = parsed.model_dump(by_alias=True, mode="json")
+    full["runPolicy"] = {k: v for k, v in full["runPolicy"].items() if k not in SAFE_FIELDS}
+    hashes = {json.dumps({**changed, "runPolicy": run_policy} if run_policy else changed, sort_keys=True),
+              json.dumps(full, sort_keys=True)}
+    return legacy_hash in {hashlib.sha256(data.encode()).hexdigest()[:16] for data in hashes}
 
 
 def unsafe_changes(snapshot: dict, spec: dict) -> list[str]:
@@ -598,20 +616,27 @@ async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, log
         spec, refused = None, [err.field]
     workload_patch: dict = {}
     if spec is not None and SPEC_SNAPSHOT_ANNOTATION not in annotations:
-        # Created by an operator that kept only a hash of the spec, computed with that
-        # operator's defaults: no field can be told apart any more. The spec as it is now
-        # becomes the snapshot, once; what was edited before this update is not checked.
-        snapshot = spec_snapshot(dict(body["spec"]))
+        # Created by an operator that kept only a hash of the spec. Where the spec before this
+        # edit still matches it, that spec becomes the snapshot and the edit is checked against
+        # it; otherwise (a default changed since, or an earlier edit) no field can be told apart
+        # any more and the spec as it is now becomes the snapshot, unchecked. Either once.
+        legacy_hash = annotations.get(LEGACY_SPEC_HASH_ANNOTATION)
+        hashed = old if matches_legacy_hash(old or {}, legacy_hash) \
+            and not matches_legacy_hash(body["spec"], legacy_hash) else None
+        snapshot = spec_snapshot(dict(hashed or body["spec"]))
+        refused = unsafe_changes(snapshot, dict(body["spec"]))
         workload_patch["metadata"] = {"annotations": {SPEC_SNAPSHOT_ANNOTATION: json.dumps(snapshot, sort_keys=True),
                                                       LEGACY_SPEC_HASH_ANNOTATION: None}}
         message = (f"{workload_ref['kind']} {workload_ref['name']} was created by an earlier operator that kept "
-                   f"only a hash of the spec: the spec of generation {meta.get('generation')} is taken as what "
-                   "it runs, and later edits are checked against it")
+                   f"only a hash of the spec: the spec {'before' if hashed else 'of'} generation "
+                   f"{meta.get('generation')} is taken as what it runs, and later edits are checked against it")
         logger.info("%s", message)
         kopf.event(body, type="Normal", reason="SpecSnapshotAdopted", message=message)
     elif spec is not None:
         refused = unsafe_changes(json.loads(annotations[SPEC_SNAPSHOT_ANNOTATION]), dict(body["spec"]))
     if refused:
+        if workload_patch:  # the adopted snapshot, or the next edit could not be checked
+            await memo.kube.merge_patch(workload_path, workload_patch)
         held_back = [path for path in changed_paths(old, new) if path in SAFE_PATHS]
         logger.warning("refusing spec change of %s", ", ".join(refused))
         await update_status(memo, namespace, name, lambda owner: refusal_patch(owner, refused, held_back))

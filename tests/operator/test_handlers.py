@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import pathlib
 import shutil
@@ -282,6 +283,34 @@ async def test_a_workload_of_an_operator_that_kept_a_hash_adopts_the_spec_once(c
     refused = await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused"))
     assert refused["message"].startswith("spec.trainer.learningRate cannot change")
     assert [e["reason"] for e in cluster.events_for("rm-test")].count("SpecSnapshotAdopted") == 1
+
+
+
+def hash_of_an_earlier_operator(spec: dict) -> str:
+    """rmjob.dev/spec-hash as operators before the snapshot wrote it: the values that differ
+    from their defaults, without the safe runPolicy fields."""
+    data = spec_module.parse_spec(spec).model_dump(by_alias=True, mode="json", exclude_defaults=True)
+    run_policy = {k: v for k, v in data.pop("runPolicy", {}).items() if k not in handlers.SAFE_FIELDS}
+    dump = json.dumps({**data, "runPolicy": run_policy} if run_policy else data, sort_keys=True)
+    return hashlib.sha256(dump.encode()).hexdigest()[:16]
+
+
+async def test_the_first_edit_of_a_workload_that_kept_a_hash_is_checked_when_the_hash_matches(
+        cluster: Cluster, operator: asyncio.Task) -> None:
+    """The hash of an earlier operator still matches the spec it was taken of while the defaults
+    are the same: the first edit after the upgrade must be judged against that spec, not adopted
+    (a learningRate change was accepted, and the workload kept running the old rate)."""
+    body = new_job()
+    await started(cluster, body, JOBS)
+    job_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/rm-test"
+    await api(cluster, "patch", job_path, {"metadata": {"annotations": {
+        "rmjob.dev/spec-snapshot": None, "rmjob.dev/spec-hash": hash_of_an_earlier_operator(body["spec"])}}})
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"trainer": {"learningRate": 1e-5}}})
+    refused = await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused"))
+    assert refused["message"].startswith("spec.trainer.learningRate cannot change"), refused["message"]
+    annotations = cluster.get(JOBS, "rm-test")["metadata"]["annotations"]
+    assert json.loads(annotations["rmjob.dev/spec-snapshot"])["spec.trainer.learningRate"] == \
+        body["spec"]["trainer"]["learningRate"]
 
 
 SNAPSHOT_SPEC = {"trainer": {"learningRate": 3e-6, "loraDropout": 0.0},

@@ -13,7 +13,10 @@ tokens, at the positions, it sees in its own sequence: the rewards are those of 
 packing, and so are the gradients (``P``'s activations feed both sequences, so their gradient
 is the sum of both, as when ``P`` is computed twice). The chosen reward is read at the last
 token of ``[P C]``, the rejected one at the last token of ``R``, or of ``P`` when ``R`` is empty
-(the rejected sequence is a prefix of the chosen one, or equal to it).
+(the rejected sequence is a prefix of the chosen one, or equal to it). Dropout in training mode
+(only ``lora_dropout``: model.py turns every other dropout off) draws one mask for ``P``, used by
+both sequences where unshared each copy draws its own: the two rewards' noise is correlated, so
+the expected loss differs from unshared training (docs/training.md, "Prefix sharing").
 
 The layout reaches every attention layer as the ``prefix_layout`` keyword argument (so
 recomputation under gradient checkpointing sees it too) of the ``sdpa_varlen`` attention

@@ -624,6 +624,13 @@ async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, log
         hashed = old if matches_legacy_hash(old or {}, legacy_hash) \
             and not matches_legacy_hash(body["spec"], legacy_hash) else None
         snapshot = spec_snapshot(dict(hashed or body["spec"]))
+        if hashed:
+            # A field the earlier schema lacked is unset in that spec and now holds the default
+            # the API server fills in: that is no edit.
+            defaults = spec_snapshot(parse_spec(dict(hashed)).model_dump(by_alias=True, mode="json"))
+            current = spec_snapshot(dict(body["spec"]))
+            snapshot.update({path: current[path] for path, value in snapshot.items()
+                             if value is None and current[path] == defaults.get(path)})
         refused = unsafe_changes(snapshot, dict(body["spec"]))
         workload_patch["metadata"] = {"annotations": {SPEC_SNAPSHOT_ANNOTATION: json.dumps(snapshot, sort_keys=True),
                                                       LEGACY_SPEC_HASH_ANNOTATION: None}}
@@ -633,7 +640,8 @@ async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, log
         logger.info("%s", message)
         kopf.event(body, type="Normal", reason="SpecSnapshotAdopted", message=message)
     elif spec is not None:
-        refused = unsafe_changes(json.loads(annotations[SPEC_SNAPSHOT_ANNOTATION]), dict(body["spec"]))
+        snapshot = json.loads(annotations[SPEC_SNAPSHOT_ANNOTATION])
+        refused = unsafe_changes(snapshot, dict(body["spec"]))
     if refused:
         if workload_patch:  # the adopted snapshot, or the next edit could not be checked
             await memo.kube.merge_patch(workload_path, workload_patch)
@@ -642,6 +650,13 @@ async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, log
         await update_status(memo, namespace, name, lambda owner: refusal_patch(owner, refused, held_back))
         kopf.event(body, type="Warning", reason=cond.SPEC_CHANGE_REFUSED, message=f"refused: {', '.join(refused)}")
         return
+
+    added = {path: value for path, value in spec_snapshot(dict(body["spec"])).items() if path not in snapshot}
+    if added:
+        # Fields a later schema added hold the default the API server filled in: recorded now,
+        # so that changing them later is an edit like any other (it was accepted and not applied).
+        workload_patch.setdefault("metadata", {}).setdefault("annotations", {})[SPEC_SNAPSHOT_ANNOTATION] = \
+            json.dumps({**snapshot, **added}, sort_keys=True)
 
     # Nothing immutable differs from the workload (a safe edit, or a refused one reverted).
     # Only the safe fields the user changed since the last apply are sent: Kueue owns

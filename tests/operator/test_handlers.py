@@ -286,6 +286,28 @@ async def test_a_workload_of_an_operator_that_kept_a_hash_adopts_the_spec_once(c
 
 
 
+
+async def test_a_field_a_later_schema_added_is_recorded_and_changing_it_later_is_refused(
+        cluster: Cluster, operator: asyncio.Task) -> None:
+    """A snapshot written before loraDropout existed lacks it: the value the API server filled
+    in is no edit, but setting it to another value afterwards is (it was accepted, and the
+    running workload kept the old behaviour)."""
+    body = new_job()
+    body["spec"]["trainer"]["loraDropout"] = 0.0  # the default the API server fills in
+    await started(cluster, body, JOBS)
+    job_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/rm-test"
+    snapshot = json.loads(cluster.get(JOBS, "rm-test")["metadata"]["annotations"]["rmjob.dev/spec-snapshot"])
+    del snapshot["spec.trainer.loraDropout"]
+    await api(cluster, "patch", job_path, {"metadata": {"annotations": {
+        "rmjob.dev/spec-snapshot": json.dumps(snapshot)}}})
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"runPolicy": {"suspend": True}}})
+    await wait_for(lambda: cluster.get(JOBS, "rm-test")["spec"]["suspend"] is True, message="suspend applied")
+    assert condition(rmj(cluster), "SpecChangeRefused") is None
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"trainer": {"loraDropout": 0.3}}})
+    refused = await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused"))
+    assert refused["message"].startswith("spec.trainer.loraDropout cannot change"), refused["message"]
+
+
 def hash_of_an_earlier_operator(spec: dict) -> str:
     """rmjob.dev/spec-hash as operators before the snapshot wrote it: the values that differ
     from their defaults, without the safe runPolicy fields."""
@@ -311,6 +333,26 @@ async def test_the_first_edit_of_a_workload_that_kept_a_hash_is_checked_when_the
     annotations = cluster.get(JOBS, "rm-test")["metadata"]["annotations"]
     assert json.loads(annotations["rmjob.dev/spec-snapshot"])["spec.trainer.learningRate"] == \
         body["spec"]["trainer"]["learningRate"]
+
+
+
+async def test_the_first_edit_of_a_workload_that_kept_a_hash_takes_defaults_filled_in_since(
+        cluster: Cluster, operator: asyncio.Task) -> None:
+    """The spec the earlier operator hashed lacks fields its schema did not have; the API server
+    now fills in their defaults (loraDropout 0 here): that is no edit. A real edit made with it
+    is refused alone, and its revert is accepted (the filled-in field stayed refused for good)."""
+    body = new_job()
+    await started(cluster, body, JOBS)
+    job_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/rm-test"
+    await api(cluster, "patch", job_path, {"metadata": {"annotations": {
+        "rmjob.dev/spec-snapshot": None, "rmjob.dev/spec-hash": hash_of_an_earlier_operator(body["spec"])}}})
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {"trainer": {"loraDropout": 0.0, "learningRate": 1e-5}}})
+    refused = await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused"))
+    assert refused["message"].startswith("spec.trainer.learningRate cannot change"), refused["message"]
+    await api(cluster, "patch", rmj_path("rm-test"), {"spec": {
+        "trainer": {"learningRate": body["spec"]["trainer"]["learningRate"]}, "runPolicy": {"suspend": True}}})
+    await wait_for(lambda: cluster.get(JOBS, "rm-test")["spec"]["suspend"] is True, message="suspend applied")
+    assert condition(rmj(cluster), "SpecChangeRefused")["status"] == "False"
 
 
 SNAPSHOT_SPEC = {"trainer": {"learningRate": 3e-6, "loraDropout": 0.0},

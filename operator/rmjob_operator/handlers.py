@@ -182,6 +182,16 @@ def spec_fields(spec: dict | None, model: type[BaseModel] = RewardModelJobSpec, 
 SAFE_PATHS = frozenset(f"spec.runPolicy.{key}" for key in SAFE_FIELDS)
 
 
+# A value whose JSON is longer is kept as its digest: the API server refuses an object whose
+# annotations total over 256 KiB, and a valid spec holds more (64 dataset paths of any length).
+SNAPSHOT_VALUE_LIMIT = 256
+
+
+def _snapshot_value(value: Any) -> Any:
+    text = json.dumps(value, sort_keys=True)
+    return value if len(text) <= SNAPSHOT_VALUE_LIMIT else {"sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
 def spec_snapshot(spec: dict) -> dict:
     """What the workload is rendered from, field by field: the raw spec as the API server
     stored it (the user's values and the CRD defaults of that day), without the safe fields.
@@ -189,7 +199,7 @@ def spec_snapshot(spec: dict) -> dict:
     Raw values, not the operator's parsed ones: a later operator that changes a default must
     not see a change in a job that kept the value it was created with.
     """
-    return {path: value for path, value in spec_fields(spec).items() if path not in SAFE_PATHS}
+    return {path: _snapshot_value(value) for path, value in spec_fields(spec).items() if path not in SAFE_PATHS}
 
 
 def matches_legacy_hash(spec: dict, legacy_hash: str | None) -> bool:
@@ -216,7 +226,7 @@ def unsafe_changes(snapshot: dict, spec: dict) -> list[str]:
     the API server fills its default into every existing job, which is no edit of the user's.
     A field the snapshot holds that this schema no longer declares is gone from the CRD too.
     """
-    current = spec_fields(spec)
+    current = spec_snapshot(spec)
     return sorted(path for path, value in snapshot.items() if path in current and current[path] != value)
 
 

@@ -352,7 +352,7 @@ async def test_the_first_edit_of_a_workload_that_kept_a_hash_takes_defaults_fill
     await api(cluster, "patch", rmj_path("rm-test"), {"spec": {
         "trainer": {"learningRate": body["spec"]["trainer"]["learningRate"]}, "runPolicy": {"suspend": True}}})
     await wait_for(lambda: cluster.get(JOBS, "rm-test")["spec"]["suspend"] is True, message="suspend applied")
-    assert condition(rmj(cluster), "SpecChangeRefused")["status"] == "False"
+    await wait_for(lambda: condition(rmj(cluster), "SpecChangeRefused")["status"] == "False", message="accepted")
 
 
 SNAPSHOT_SPEC = {"trainer": {"learningRate": 3e-6, "loraDropout": 0.0},
@@ -385,6 +385,20 @@ def test_fields_a_later_schema_adds_or_removes_are_not_edits() -> None:
                                    {**added, "trainer": {**added["trainer"], "loraDropout": 0.05}}) == []
     assert handlers.unsafe_changes({**snapshot, "spec.trainer.droppedFlag": 1}, SNAPSHOT_SPEC) == []
     assert "spec.runPolicy.suspend" not in snapshot and snapshot["spec.trainer.learningRate"] == 3e-6
+
+
+
+def test_the_snapshot_of_a_large_spec_fits_the_annotation_limit() -> None:
+    """The API server refuses an object whose annotations total over 256 KiB: a valid spec with
+    64 long dataset paths made the workload uncreatable. A change in such a value is still seen."""
+    mixer = {f"/data/{i:02d}/" + "x" * 5000 + ".jsonl": 1.0 for i in range(64)}
+    spec = {"trainer": {"modelNameOrPath": "m", "datasetMixer": mixer}, "runPolicy": {"backend": "job"}}
+    annotations = handlers.workload_annotations(spec, spec_module.parse_spec(spec))
+    assert sum(len(key) + len(value) for key, value in annotations.items()) < 64 * 1024
+    snapshot = json.loads(annotations["rmjob.dev/spec-snapshot"])
+    assert handlers.unsafe_changes(snapshot, spec) == []
+    edited = {**spec, "trainer": {**spec["trainer"], "datasetMixer": {**mixer, next(iter(mixer)): 0.5}}}
+    assert handlers.unsafe_changes(snapshot, edited) == ["spec.trainer.datasetMixer"]
 
 
 async def test_delete_leaves_cleanup_to_the_garbage_collector(cluster: Cluster, operator: asyncio.Task) -> None:

@@ -227,7 +227,9 @@ def unsafe_changes(snapshot: dict, spec: dict) -> list[str]:
     A field the snapshot holds that this schema no longer declares is gone from the CRD too.
     """
     current = spec_snapshot(spec)
-    return sorted(path for path, value in snapshot.items() if path in current and current[path] != value)
+    # Stored values are digested again: snapshots written before the digest hold them whole.
+    return sorted(path for path, value in snapshot.items()
+                  if path in current and current[path] != _snapshot_value(value))
 
 
 def safe_values(spec: RewardModelJobSpec) -> dict:

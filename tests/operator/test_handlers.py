@@ -399,6 +399,9 @@ def test_the_snapshot_of_a_large_spec_fits_the_annotation_limit() -> None:
     assert handlers.unsafe_changes(snapshot, spec) == []
     edited = {**spec, "trainer": {**spec["trainer"], "datasetMixer": {**mixer, next(iter(mixer)): 0.5}}}
     assert handlers.unsafe_changes(snapshot, edited) == ["spec.trainer.datasetMixer"]
+    written_whole = {**snapshot, "spec.trainer.datasetMixer": mixer}  # by the build before the digest
+    assert handlers.unsafe_changes(written_whole, spec) == []
+    assert handlers.unsafe_changes(written_whole, edited) == ["spec.trainer.datasetMixer"]
 
 
 async def test_delete_leaves_cleanup_to_the_garbage_collector(cluster: Cluster, operator: asyncio.Task) -> None:

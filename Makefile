@@ -27,7 +27,12 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not scale"
+
+# The operator at scale (1,000 jobs created and deleted twice): too long for every CI run.
+.PHONY: test-scale
+test-scale: install
+	$(PY) -m pytest -q -s -m scale
 
 # The day-to-day loop: without the local Kubernetes control plane, the image builds and the
 # multi-process runs (`make test` runs everything).

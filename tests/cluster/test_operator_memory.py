@@ -14,7 +14,7 @@ import pytest
 from operator_harness import OperatorIdentity, new_namespace
 from rmj import cpu_spec, rmj, wait_until
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.scale]
 
 JOBS = 1000
 WARM_UP_JOBS = 1000

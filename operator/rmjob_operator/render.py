@@ -453,17 +453,11 @@ def _indexed_job(body: dict[str, Any], spec: RewardModelJobSpec, image: str) -> 
         # others blocked until NCCL's timeout. So: a pod disrupted by the cluster (preemption,
         # eviction, node drain) or stopped for a preemption (EXIT_PREEMPTED: every rank stops
         # together, checkpoint written) is replaced without using up backoffLimit, and resumes;
-        # a trainer error fails the whole Job at once, which stops every pod; a pod killed by a
-        # signal (OOM kill, a lost node) counts against backoffLimit.
-        "podFailurePolicy": {
-            "rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {"action": "Ignore", "onExitCodes": {
-                    "containerName": CONTAINER_NAME, "operator": "In", "values": [EXIT_PREEMPTED]}},
-                {"action": "FailJob", "onExitCodes": {
-                    "containerName": CONTAINER_NAME, "operator": "In", "values": TRAINER_ERROR_EXIT_CODES}},
-            ]
-        },
+        # a pod killed by a signal (OOM kill) counts against backoffLimit. On one node a trainer
+        # error (1-127) fails the whole Job at once: retrying cannot help. On several it only
+        # counts: when a node is lost, the ranks of the others fail their next collective and
+        # exit 1 too, which is no trainer error.
+        "podFailurePolicy": {"rules": _pod_failure_rules(nodes)},
         "suspend": policy.suspend,
         "template": template,
     }
@@ -472,6 +466,18 @@ def _indexed_job(body: dict[str, Any], spec: RewardModelJobSpec, image: str) -> 
     if policy.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _workload_metadata(body, spec), "spec": job_spec}
+
+
+def _pod_failure_rules(nodes: int) -> list[dict]:
+    rules = [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": {
+            "containerName": CONTAINER_NAME, "operator": "In", "values": [EXIT_PREEMPTED]}},
+    ]
+    if nodes == 1:
+        rules.append({"action": "FailJob", "onExitCodes": {
+            "containerName": CONTAINER_NAME, "operator": "In", "values": TRAINER_ERROR_EXIT_CODES}})
+    return rules
 
 
 # --- entry points ---------------------------------------------------------------------------------

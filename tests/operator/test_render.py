@@ -193,6 +193,18 @@ def test_job_backend_fails_the_gang_together_and_retries_preemptions():
     assert [job_outcome(rules, code) for code in (137, 143)] == ["Count"] * 2
 
 
+def test_several_nodes_count_every_failure_since_a_lost_node_makes_the_others_exit_1():
+    """The lost node's own pod is disrupted (Ignore); the ranks on the other nodes fail their
+    next collective and exit 1, which must not fail the Job at once when backoffLimit allows a retry."""
+    from rmjob_trainer.preemption import EXIT_PREEMPTED
+
+    workload = by_kind(render.render_children(job(SPECS["three nodes"]), "job"))["Job"]["spec"]
+    rules = workload["podFailurePolicy"]["rules"]
+    assert job_outcome(rules, 137, disrupted=True) == "Ignore"
+    assert job_outcome(rules, EXIT_PREEMPTED) == "Ignore"
+    assert [job_outcome(rules, code) for code in (1, 2, 127, 137)] == ["Count"] * 4
+
+
 def test_pytorchjob_retries_only_what_is_not_a_trainer_error():
     """Kubeflow's ExitCode policy: 1-127 permanent, 128-255 retried (rmjob-torchrun's 200 included)."""
     workload = by_kind(render.render_children(job(SPECS["three nodes"]), "pytorchjob"))["PyTorchJob"]["spec"]

@@ -5,11 +5,13 @@ the spec once, with an Event, instead of refusing every edit."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 from operator_harness import OperatorIdentity, new_namespace
 from rmj import condition, cpu_spec, get_json, rmj, status_of, wait_until
+from rmjob_operator.spec import parse_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -89,3 +91,23 @@ def test_a_workload_of_an_operator_that_kept_a_hash_adopts_the_spec_once(kubectl
     edit(kubectl, ns, "rm-legacy", {"trainer": {"learningRate": 1e-3}})
     assert refusal(kubectl, ns, "rm-legacy", "True")["message"].startswith("spec.trainer.learningRate")
     assert len(events(kubectl, ns, "rm-legacy", "SpecSnapshotAdopted")) == 1
+
+
+def test_the_first_edit_of_a_workload_whose_hash_still_matches_is_checked(kubectl, ns, operator):
+    """The hash written as an earlier operator did (the values off their defaults, without the
+    safe fields) still matches the stored spec: the first edit after the upgrade is judged
+    against that spec (kopf's last-handled spec), so a learningRate change is refused."""
+    started(kubectl, ns, "rm-hashed")
+    stored = get_json(kubectl, "rewardmodeljobs.rmjob.dev", "rm-hashed", "-n", ns)["spec"]
+    data = parse_spec(stored).model_dump(by_alias=True, mode="json", exclude_defaults=True)
+    run_policy = {k: v for k, v in data.pop("runPolicy", {}).items()
+                  if k not in ("suspend", "ttlSecondsAfterFinished", "activeDeadlineSeconds")}
+    legacy = hashlib.sha256(json.dumps({**data, "runPolicy": run_policy} if run_policy else data,
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    kubectl("annotate", "job", "rm-hashed", "-n", ns, "--overwrite", "rmjob.dev/spec-snapshot-",
+            f"rmjob.dev/spec-hash={legacy}")
+    edit(kubectl, ns, "rm-hashed", {"trainer": {"learningRate": 1e-3}})
+    assert refusal(kubectl, ns, "rm-hashed", "True")["message"].startswith("spec.trainer.learningRate")
+    annotations = get_json(kubectl, "job", "rm-hashed", "-n", ns)["metadata"]["annotations"]
+    assert json.loads(annotations["rmjob.dev/spec-snapshot"])["spec.trainer.learningRate"] == \
+        stored["trainer"]["learningRate"]

@@ -124,10 +124,11 @@ class RewardConfig:
     )
     prefix_sharing: bool = field(
         default=True,
-        metadata=_help("With --padding_free: compute each pair's shared prefix (the longest common prefix "
-                       "of its chosen and rejected token ids, usually the prompt) once; the rejected "
-                       "suffix attends to the chosen sequence's copy of it. Same rewards and gradients, "
-                       "fewer tokens. No effect on padded batches (--padding_free false)."),
+        metadata=_help("Compute each pair's shared prefix (the longest common prefix of its chosen and "
+                       "rejected token ids, usually the prompt) once, in padding-free batches; the "
+                       "rejected suffix attends to the chosen sequence's copy of it. Same rewards and "
+                       "gradients, fewer tokens (with --lora_dropout above 0 both sequences share the "
+                       "prefix's dropout mask). No effect on padded batches (--padding_free false)."),
     )
     use_peft: bool = field(
         default=False,

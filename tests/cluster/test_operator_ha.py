@@ -194,6 +194,10 @@ def test_events_are_watched_with_a_server_side_field_selector(kubectl, ns, proxi
         assert selector and set(selector[0].split(",")) == {"type=Warning", "involvedObject.kind!=Pod"}, url
 
 
+# kopf's peering entries live 60 s; the standby sees the dead one's expire at its next check.
+TAKEOVER_LIMIT_S = 150
+
+
 def test_two_replicas_with_peering_exactly_one_acts(cluster, kubectl, ns, rmj_crd, tmp_path, start_operator):
     for path in (CHART / "crds" / "kopf-peerings.yaml",):
         kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=rmjob-tests", "-f", str(path))
@@ -219,8 +223,20 @@ def test_two_replicas_with_peering_exactly_one_acts(cluster, kubectl, ns, rmj_cr
                    for r in replicas]
         # Every job handled, each by one replica, and always the same one.
         assert sorted(len(lines) for lines in created) == [0, 3], [r.log()[-2000:] for r in replicas]
-        for replica in replicas:
-            assert replica.stop() == 0
+
+        # The active replica dies without a word (no peering entry withdrawn): the other one
+        # takes over once that entry expires, and reconciles a job applied meanwhile.
+        active, standby = replicas if created[0] else replicas[::-1]
+        active.kill()
+        killed = time.monotonic()
+        create(kubectl, ns, "rm-ha-after", cpu_spec())
+        wait_until(lambda: get_or_none(kubectl, "job", "rm-ha-after", "-n", ns), TAKEOVER_LIMIT_S,
+                   "the standby replica to create the workload", interval=1)
+        takeover = time.monotonic() - killed
+        print(f"standby took over {takeover:.1f} s after the active replica was killed")
+        assert "created Job rm-ha-after" in standby.log()
+        wait_for_phase(kubectl, ns, "rm-ha-after", "Succeeded", operator=standby)
+        assert standby.stop() == 0
     finally:
         identity.delete()
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import http.client
-import importlib.util
 import json
 import os
 import re
@@ -55,8 +54,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 KUBECTL = REPO / ".tools" / "bin" / "kubectl"
-# The operator process and the chart's identity, exactly as the cluster tests set them up.
+# The operator process and the chart's identity, exactly as the cluster tests set them up; the
+# control plane's module by its own name, as tests/cluster/conftest.py imports it.
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
+sys.path.insert(0, str(REPO / "hack" / "cluster"))
+import cluster as local_cluster  # noqa: E402
 
 RMJ_PATH = "/apis/rmjob.dev/v1alpha1"
 JOBS_PATH = "/apis/batch/v1"
@@ -114,17 +116,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value < least:
             p.error(f"{flag} {value}: must be at least {least}")
     return args
-
-
-def _load_cluster_module():
-    spec = importlib.util.spec_from_file_location("rmjob_local_cluster", REPO / "hack" / "cluster" / "cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-local_cluster = _load_cluster_module()
 
 
 def make_kubectl(kubeconfig: Path):

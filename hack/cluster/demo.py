@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pod_runner  # noqa: E402 - next to this file; loads cluster.py as the tests do
+import cluster as local_cluster  # noqa: E402 - next to this file, imported as the tests import it
+import pod_runner  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KUBECTL = REPO / ".tools" / "bin" / "kubectl"
@@ -52,14 +53,13 @@ def prepare_node_data() -> None:
 
 
 def main() -> int:
-    cluster_module = pod_runner._cluster_module()
-    cluster = cluster_module.Cluster()
+    cluster = local_cluster.Cluster()
     print("attaching to the local control plane (started unless it runs)")
     try:
         # A user like a test session: whoever detaches last stops a cluster not started by hand,
         # so neither the demo nor a test run stops it under the other.
         started = cluster.attach()
-    except cluster_module.ClusterError as error:
+    except local_cluster.ClusterError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print("local control plane started" if started else "using the running local control plane")

@@ -102,7 +102,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib.util
 import json
 import os
 import re
@@ -118,6 +117,8 @@ import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
+
+import cluster as local_cluster  # next to this file: on sys.path run as a script, put there by importers
 
 # Run as a process of its own: the runner writes "+PGID" for each pod process group it starts
 # and "-PGID" once that group is done; when its stdin closes (the runner exited, SIGKILL
@@ -142,17 +143,6 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 NODE_TAINT_KEY = "rmjob.dev/pod-runner-node"
 IMAGES_ENV = "RMJOB_POD_RUNNER_IMAGES"
 DEFAULT_TOKEN_SECONDS = 3607  # what the API server's ServiceAccount admission projects
-
-
-def _cluster_module():
-    """hack/cluster/cluster.py, shared with tests/cluster/conftest.py (same module name)."""
-    name = "rmjob_local_cluster"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "cluster.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 class ApiError(RuntimeError):
@@ -717,20 +707,18 @@ class PodRunner:
 
     def namespace_annotations(self) -> dict[str, str]:
         """Annotations that send every pod of a namespace to this runner's node."""
-        cluster = _cluster_module()
         tolerations = [{"key": taint["key"], "operator": "Equal", "value": taint["value"], "effect": taint["effect"]}
                        for taint in self._taints()]
         return {
-            "scheduler.alpha.kubernetes.io/node-selector": f"{'='.join(cluster.RUNNER_LABEL)},{HOSTNAME_LABEL}={self.node}",
+            "scheduler.alpha.kubernetes.io/node-selector": f"{'='.join(local_cluster.RUNNER_LABEL)},{HOSTNAME_LABEL}={self.node}",
             "scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps(tolerations),
         }
 
     def _taints(self) -> list[dict]:
-        return [_cluster_module().RUNNER_TAINT, {"key": NODE_TAINT_KEY, "value": self.node, "effect": "NoSchedule"}]
+        return [local_cluster.RUNNER_TAINT, {"key": NODE_TAINT_KEY, "value": self.node, "effect": "NoSchedule"}]
 
     def start(self) -> None:
-        cluster = _cluster_module()
-        key, value = cluster.RUNNER_LABEL
+        key, value = local_cluster.RUNNER_LABEL
         self._created_parent_dir = not self.parent_dir.exists()
         self.workdir.mkdir(parents=True, exist_ok=True)
         node = {
@@ -901,14 +889,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", default="runner-0", help="name of the Node to register (default runner-0)")
     parser.add_argument("--namespace", action="append", default=[],
                         help="annotate this namespace so its pods run here (repeatable)")
-    parser.add_argument("--dir", type=Path, default=_cluster_module().DEFAULT_DIR,
+    parser.add_argument("--dir", type=Path, default=local_cluster.DEFAULT_DIR,
                         help="the cluster's state directory (default .cluster/)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="pods run under WORKDIR/NODE, removed on exit (default DIR/pods)")
     parser.add_argument("--images", action="store_true", default=None,
                         help=f"run each container in its image from local containers storage ({IMAGES_ENV}=1)")
     args = parser.parse_args(argv)
-    cluster = _cluster_module().Cluster(args.dir)
+    cluster = local_cluster.Cluster(args.dir)
     runner = PodRunner(cluster, args.node, args.workdir or cluster.dir / "pods", images=args.images)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -919,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.api("PATCH", f"/api/v1/namespaces/{namespace}",
                        {"metadata": {"annotations": runner.namespace_annotations()}},
                        content_type="application/merge-patch+json")
-    except (ApiError, OSError, _cluster_module().ClusterError) as error:
+    except (ApiError, OSError, local_cluster.ClusterError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"pod runner: node {args.node} runs its pods under {runner.workdir}; Ctrl-C stops it")

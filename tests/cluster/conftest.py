@@ -9,7 +9,6 @@ cluster-scoped objects (the CRD, nodes) as shared.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -21,17 +20,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 KUBECTL = REPO / ".tools" / "bin" / "kubectl"
-
-
-def _load_cluster_module():
-    spec = importlib.util.spec_from_file_location("rmjob_local_cluster", REPO / "hack" / "cluster" / "cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-local_cluster = _load_cluster_module()
+# hack/cluster's modules by their own names, as bench/operator_bench.py, demo.py and pod_runner.py
+# import them: one module object each in the process, whoever imports it first.
+sys.path.insert(0, str(REPO / "hack" / "cluster"))
+import cluster as local_cluster  # noqa: E402
+import pod_runner as pod_runner_module  # noqa: E402
 
 
 def toolchain_verdict(missing: list[str], go_found: bool, ci: bool) -> tuple[str, str] | None:
@@ -145,17 +138,6 @@ def start_operator(cluster, kubectl, rmj_crd, tmp_path_factory):
 
 
 # --- the pod runner: pods of a namespace run as local processes (issue 8) --------------------
-
-def _load_pod_runner_module():
-    spec = importlib.util.spec_from_file_location("rmjob_pod_runner", REPO / "hack" / "cluster" / "pod_runner.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pod_runner_module = _load_pod_runner_module()
-
 
 @pytest.fixture
 def pod_runner(cluster, kubectl, namespace, tmp_path):

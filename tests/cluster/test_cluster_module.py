@@ -226,7 +226,7 @@ def test_the_demo_uses_the_cluster_as_a_registered_user(monkeypatch):
         def __getattr__(self, name):
             return lambda *args, **kwargs: calls.append(name) or (name == "attach")
 
-    cluster_module = demo.pod_runner._cluster_module()
+    cluster_module = demo.local_cluster
     monkeypatch.setattr(cluster_module, "Cluster", RecordingCluster)
     monkeypatch.setattr(demo, "run_demo", lambda cluster: calls.append("run_demo") or 0)
     monkeypatch.setattr(demo, "kubectl", lambda *args, **kwargs: "")

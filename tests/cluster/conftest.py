@@ -13,10 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
+from operator_harness import CRD_MANIFEST, OperatorIdentity, OperatorProcess, namespace_fixture
+from rmj import wait_established
 
 REPO = Path(__file__).resolve().parents[2]
 KUBECTL = REPO / ".tools" / "bin" / "kubectl"
@@ -76,22 +77,10 @@ def kubectl(cluster):
     return run
 
 
-@pytest.fixture
-def namespace(kubectl):
-    """A fresh namespace for one test, deleted afterwards (without waiting for it to go)."""
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    kubectl("create", "namespace", name)
-    # Pods need the namespace's default ServiceAccount, which a controller creates.
-    kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=60s")
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+namespace = namespace_fixture()  # a fresh one for each test
 
 
 # --- the operator as a real process, with only the chart's RBAC (issue 8) -------------------
-
-from operator_harness import CRD_MANIFEST, OperatorIdentity, OperatorProcess  # noqa: E402
-from rmj import wait_established  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def rmj_crd(kubectl):

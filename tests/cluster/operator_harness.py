@@ -108,3 +108,35 @@ def new_namespace(kubectl, *labels: str) -> str:
         kubectl("label", "namespace", name, *labels)
     kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=60s")
     return name
+
+
+# --- fixtures a test module takes in the scope it needs: ``ns = namespace_fixture("module")`` ---
+
+def namespace_fixture(scope: str = "function"):
+    """The fixture below, one namespace for each test or, with scope="module", for each module."""
+
+    @pytest.fixture(scope=scope)
+    def fresh_namespace(kubectl):
+        """A fresh namespace (new_namespace), deleted afterwards without waiting for it to go."""
+        name = new_namespace(kubectl)
+        yield name
+        kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+    return fresh_namespace
+
+
+def operator_fixture(scope: str = "function"):
+    """The fixture below, one operator for each test or, with scope="module", for each module."""
+
+    @pytest.fixture(scope=scope)
+    def operator(cluster, kubectl, rmj_crd, ns, start_operator, tmp_path_factory):
+        """The operator process watching the ``ns`` fixture's namespace alone, as the identity
+        the chart gives it there (watchNamespaces); it must exit 0 when stopped, and its
+        identity is deleted with it."""
+        identity = OperatorIdentity(cluster, kubectl, tmp_path_factory.mktemp("identity"), f"watchNamespaces={{{ns}}}")
+        process = start_operator([ns], identity=identity)
+        yield process
+        assert process.stop() == 0, process.log()[-3000:]
+        identity.delete()
+
+    return operator

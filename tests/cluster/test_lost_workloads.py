@@ -9,7 +9,7 @@ import json
 import time
 
 import pytest
-from operator_harness import OperatorIdentity, new_namespace
+from operator_harness import namespace_fixture, operator_fixture
 from rmj import condition, cpu_spec, get_json, get_or_none, owned_by, rmj, status_of, wait_for_phase, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -18,20 +18,8 @@ pytestmark = pytest.mark.cluster
 NOWHERE = {"gpusPerNode": 0, "nodeSelector": {"test.rmjob.dev/no-such-node": "true"}}
 
 
-@pytest.fixture(scope="module")
-def ns(kubectl):
-    name = new_namespace(kubectl)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture(scope="module")
-def operator(cluster, kubectl, rmj_crd, ns, start_operator, tmp_path_factory):
-    identity = OperatorIdentity(cluster, kubectl, tmp_path_factory.mktemp("identity"), f"watchNamespaces={{{ns}}}")
-    process = start_operator([ns], identity=identity)
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    identity.delete()
+ns = namespace_fixture("module")
+operator = operator_fixture("module")
 
 
 def create(kubectl, ns: str, name: str, spec: dict) -> dict:

@@ -14,7 +14,7 @@ import uuid
 import pytest
 import yaml
 from api_proxy import ApiProxy, Fault
-from operator_harness import CHART, REPO, OperatorIdentity, new_namespace
+from operator_harness import CHART, REPO, OperatorIdentity, namespace_fixture
 from rmj import (GROUP_PATH, cpu_spec, get_json, get_or_none, owned_by, rmj, status_of,
                  wait_established, wait_for_phase, wait_until)
 
@@ -32,11 +32,7 @@ def namespaced_identity(cluster, kubectl, ns: str, workdir, *set_values: str) ->
     return OperatorIdentity(cluster, kubectl, workdir, f"watchNamespaces={{{ns}}}", *set_values)
 
 
-@pytest.fixture
-def ns(kubectl):
-    name = new_namespace(kubectl)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+ns = namespace_fixture()
 
 
 @pytest.fixture

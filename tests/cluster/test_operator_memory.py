@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from operator_harness import OperatorIdentity, new_namespace
+from operator_harness import namespace_fixture, operator_fixture
 from rmj import cpu_spec, rmj, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.scale]
@@ -25,20 +25,8 @@ CREATORS = 4  # kubectl processes creating at once
 SPEC = cpu_spec(runPolicy={"suspend": True})
 
 
-@pytest.fixture
-def ns(kubectl):
-    name = new_namespace(kubectl)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture
-def operator(cluster, kubectl, rmj_crd, ns, start_operator, tmp_path):
-    identity = OperatorIdentity(cluster, kubectl, tmp_path, f"watchNamespaces={{{ns}}}")
-    process = start_operator([ns], identity=identity)
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    identity.delete()
+ns = namespace_fixture()
+operator = operator_fixture()
 
 
 def rss_bytes(pid: int) -> int:

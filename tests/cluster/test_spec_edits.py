@@ -9,27 +9,15 @@ import hashlib
 import json
 
 import pytest
-from operator_harness import OperatorIdentity, new_namespace
+from operator_harness import namespace_fixture, operator_fixture
 from rmj import condition, cpu_spec, get_json, rmj, status_of, wait_until
 from rmjob_operator.spec import parse_spec
 
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture(scope="module")
-def ns(kubectl):
-    name = new_namespace(kubectl)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture(scope="module")
-def operator(cluster, kubectl, rmj_crd, ns, start_operator, tmp_path_factory):
-    identity = OperatorIdentity(cluster, kubectl, tmp_path_factory.mktemp("identity"), f"watchNamespaces={{{ns}}}")
-    process = start_operator([ns], identity=identity)
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    identity.delete()
+ns = namespace_fixture("module")
+operator = operator_fixture("module")
 
 
 def started(kubectl, ns: str, name: str) -> dict:

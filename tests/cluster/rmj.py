@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import shutil
 import ssl
 import sys
 import time
@@ -34,6 +35,41 @@ def cpu_spec(**sections) -> dict:
     """A spec whose Job-backend pods run on KWOK nodes (no GPU), with ``sections`` merged in."""
     spec = invalid_specs.with_changes(invalid_specs.MINIMAL, resources={"gpusPerNode": 0},
                                       runPolicy={"backend": "job"})
+    return _merged(spec, sections)
+
+
+def tiny_training_data(directory: Path) -> Path:
+    """A tiny model (tiny-base) and the bundled dataset (sentiment_tiny) in ``directory``: the
+    node's data that tiny_training_spec mounts."""
+    from rmjob_trainer.tiny import BUNDLED_DATASET_DIR, build_tiny_model  # torch: only where a test trains
+
+    build_tiny_model(directory / "tiny-base")
+    shutil.copytree(BUNDLED_DATASET_DIR, directory / "sentiment_tiny")
+    return directory
+
+
+def tiny_training_spec(data_dir: Path, **sections) -> dict:
+    """One CPU pod (Job backend) training the tiny model on the bundled dataset, both from
+    ``data_dir`` (tiny_training_data's, a hostPath mounted at /data), with ``sections`` merged in."""
+    spec = {
+        "trainer": {
+            "datasetMixer": {"/data/sentiment_tiny": 1.0}, "modelNameOrPath": "/data/tiny-base",
+            "chatTemplate": "simple_chat", "sanityCheck": True, "sanityCheckMaxSamples": 400,
+            "learningRate": 1.0e-3, "perDeviceTrainBatchSize": 8, "perDeviceEvalBatchSize": 32,
+            "numEvals": 2,
+        },
+        "resources": {
+            "nodes": 1, "gpusPerNode": 0,
+            "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "OMP_NUM_THREADS", "value": "1"}],
+            "volumes": [{"name": "local-data", "hostPath": {"path": str(data_dir), "type": "Directory"}}],
+            "volumeMounts": [{"name": "local-data", "mountPath": "/data", "readOnly": True}],
+        },
+        "runPolicy": {"backend": "job"},
+    }
+    return _merged(spec, sections)
+
+
+def _merged(spec: dict, sections: dict[str, dict]) -> dict:
     for section, changes in sections.items():
         spec.setdefault(section, {}).update(copy.deepcopy(changes))
     return spec

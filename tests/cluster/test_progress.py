@@ -5,12 +5,11 @@ real trainer process (run by the pod runner) reporting to the real control plane
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import pytest
 
-from rmj import get_json, rmj, status_of, wait_for_phase, wait_until
+from rmj import get_json, rmj, status_of, tiny_training_data, tiny_training_spec, wait_for_phase, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -18,33 +17,11 @@ TRAINING_TIMEOUT_S = 900
 NAME = "rm-progress"
 
 
-def node_data(directory):
-    from rmjob_trainer.tiny import BUNDLED_DATASET_DIR, build_tiny_model
-
-    build_tiny_model(directory / "tiny-base")
-    shutil.copytree(BUNDLED_DATASET_DIR, directory / "sentiment_tiny")
-    return directory
-
-
 def job_spec(data_dir) -> dict:
     """One CPU pod, 1,500 steps, evaluated twice (steps 750 and 1,500): long enough for several
     status reports (at most one per 10 s) on a quiet machine too, where the 300 steps this
     test once ran ended within one interval, leaving only the first and the last report."""
-    return {
-        "trainer": {
-            "datasetMixer": {"/data/sentiment_tiny": 1.0}, "modelNameOrPath": "/data/tiny-base",
-            "chatTemplate": "simple_chat", "sanityCheck": True, "sanityCheckMaxSamples": 400,
-            "learningRate": 1.0e-3, "perDeviceTrainBatchSize": 8, "perDeviceEvalBatchSize": 32,
-            "numEvals": 2, "numTrainEpochs": 30,
-        },
-        "resources": {
-            "nodes": 1, "gpusPerNode": 0,
-            "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "OMP_NUM_THREADS", "value": "1"}],
-            "volumes": [{"name": "local-data", "hostPath": {"path": str(data_dir), "type": "Directory"}}],
-            "volumeMounts": [{"name": "local-data", "mountPath": "/data", "readOnly": True}],
-        },
-        "runPolicy": {"backend": "job"},
-    }
+    return tiny_training_spec(data_dir, trainer={"numTrainEpochs": 30})
 
 
 def evaluated_events(kubectl, namespace: str) -> list[dict]:
@@ -57,7 +34,7 @@ def evaluated_events(kubectl, namespace: str) -> list[dict]:
 def test_progress_eta_and_one_event_per_evaluation(host_rendezvous_port, kubectl, namespace, pod_runner, rmj_crd,
                                                    start_operator, tmp_path):
     operator = start_operator([namespace])
-    kubectl("apply", "-f", "-", input=json.dumps(rmj(NAME, namespace, job_spec(node_data(tmp_path / "node")))))
+    kubectl("apply", "-f", "-", input=json.dumps(rmj(NAME, namespace, job_spec(tiny_training_data(tmp_path / "node")))))
 
     seen: list[dict] = []
     deadline = time.monotonic() + TRAINING_TIMEOUT_S

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from rmj import condition, get_json, get_or_none, rmj, wait_for_phase, wait_until
+from rmj import (condition, get_json, get_or_none, rmj, tiny_training_data, tiny_training_spec, wait_for_phase,
+                 wait_until)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -28,33 +28,11 @@ TRAINING_TIMEOUT_S = 900
 NAME = "rm-storage"
 
 
-def node_data(directory):
-    from rmjob_trainer.tiny import BUNDLED_DATASET_DIR, build_tiny_model
-
-    build_tiny_model(directory / "tiny-base")
-    shutil.copytree(BUNDLED_DATASET_DIR, directory / "sentiment_tiny")
-    return directory
-
-
 def job_spec(data_dir) -> dict:
     """One CPU pod, 300 optimizer steps (about 40 s of training here), a checkpoint every 20."""
-    return {
-        "trainer": {
-            "datasetMixer": {"/data/sentiment_tiny": 1.0}, "modelNameOrPath": "/data/tiny-base",
-            "chatTemplate": "simple_chat", "sanityCheck": True, "sanityCheckMaxSamples": 400,
-            "learningRate": 1.0e-3, "perDeviceTrainBatchSize": 8, "perDeviceEvalBatchSize": 32,
-            "numEvals": 2, "numTrainEpochs": 6, "checkpointingSteps": 20,
-        },
-        "resources": {
-            "nodes": 1, "gpusPerNode": 0,
-            "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "OMP_NUM_THREADS", "value": "1"}],
-            "volumes": [{"name": "local-data", "hostPath": {"path": str(data_dir), "type": "Directory"}}],
-            "volumeMounts": [{"name": "local-data", "mountPath": "/data", "readOnly": True}],
-        },
-        "storage": {"size": "1Gi"},
-        # backoffLimit stays 0: neither an eviction nor a preempted trainer counts against it.
-        "runPolicy": {"backend": "job", "terminationGracePeriodSeconds": 60},
-    }
+    # backoffLimit stays 0: neither an eviction nor a preempted trainer counts against it.
+    return tiny_training_spec(data_dir, trainer={"numTrainEpochs": 6, "checkpointingSteps": 20},
+                              storage={"size": "1Gi"}, runPolicy={"terminationGracePeriodSeconds": 60})
 
 
 def bind_claim(kubectl, namespace: str, claim_name: str, directory) -> str:
@@ -141,7 +119,7 @@ def uninterrupted_metrics(config_map: dict, data_dir, output) -> dict:
 @pytest.mark.timeout(3 * TRAINING_TIMEOUT_S)
 def test_created_claim_survives_two_interrupted_pods_and_the_run_resumes_from_checkpoints(
         host_rendezvous_port, kubectl, namespace, pod_runner, rmj_crd, start_operator, tmp_path):
-    data_dir = node_data(tmp_path / "node")
+    data_dir = tiny_training_data(tmp_path / "node")
     output = tmp_path / "volume"
     operator = start_operator([namespace])
     kubectl("apply", "-f", "-", input=json.dumps(rmj(NAME, namespace, job_spec(data_dir))))

@@ -327,10 +327,10 @@ def test_script_style_entry_point(tmp_path):
 
 
 NO_TORCH_CHECK = """
-import runpy, sys
-sys.argv = ["rmjob_trainer", "--help"]
+import sys
+from rmjob_trainer.cli import main
 try:
-    runpy.run_module("rmjob_trainer", run_name="__main__")
+    main(["--help"])  # what `python -m rmjob_trainer --help` runs, before the process leaves
 except SystemExit as exc:
     assert exc.code in (0, None), exc.code
 from rmjob_trainer.cli import parse_args
@@ -377,3 +377,39 @@ def test_empty_after_filtering_exits_2(tmp_path, tiny_model_dir, bundled_dataset
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the train dataset is empty after filtering with --max_token_length 3")
+
+
+# run() with main() replaced: what happens after the run, in a process of its own.
+PROCESS_ENTRY = """
+import atexit, logging, os, signal, sys
+import rmjob_trainer.cli as cli
+
+def finished_run():
+    print("trained", end="")  # block-buffered: stdout is a pipe
+    logging.getLogger("rmjob").warning("logged")
+    # stands in for native teardown that aborts a finished rank at interpreter exit
+    atexit.register(lambda: os.kill(os.getpid(), signal.SIGABRT))
+    return {outcome}
+
+cli.main = finished_run
+cli.run()
+"""
+
+
+@pytest.mark.parametrize(("outcome", "status"), [("0", 0), ("None", 0), ("2", 2), ("sys.exit(200)", 200),
+                                                   ("sys.exit('bad state')", 1)])
+def test_a_finished_run_leaves_with_its_status_and_output_whatever_teardown_would_do(outcome, status):
+    result = subprocess.run([sys.executable, "-c", PROCESS_ENTRY.format(outcome=outcome)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == status, result.stderr
+    assert result.stdout == "trained"
+    assert "logged" in result.stderr
+    assert ("bad state" in result.stderr) == (status == 1)
+
+
+def test_a_rank_that_crashes_in_native_code_shows_where():
+    code = "import os, rmjob_trainer.cli as cli\ndef crash():\n    os.abort()\ncli.main = crash\ncli.run()\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -6
+    assert "Fatal Python error: Aborted" in result.stderr
+    assert 'line 3 in crash' in result.stderr

@@ -192,8 +192,16 @@ def _exits(args: list[str], output_dir: Path) -> str | None:
             finished = (output_dir / "metrics.json").exists()
             return f"{output_dir.name}: no exit after {EXIT_TIMEOUT_S} s" + (" (metrics.json written)" if finished else "")
     if returncode != 0:
-        return f"{output_dir.name}: exit status {returncode}: {(output_dir.parent / f'{output_dir.name}.log').read_text()[-2000:]}"
+        return f"{output_dir.name}: exit status {returncode}:\n{_last_words((output_dir.parent / f'{output_dir.name}.log').read_text())}"
     return None
+
+
+def _last_words(log: str) -> str:
+    """What the ranks printed before torchrun's failure summary (a rank's abort message comes
+    there; the summary itself only names the signal), without the deprecation noise."""
+    before, _, summary = log.partition("failed (exitcode")
+    lines = [line for line in before.splitlines() if "FutureWarning" not in line and "return func(" not in line]
+    return "\n".join(lines[-40:]) + "\n[torchrun] failed (exitcode" + summary[:300]
 
 
 DDP_WRAPPER_LIFETIME = """

@@ -15,6 +15,6 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _package_dir]
     sys.path.insert(0, os.path.dirname(_package_dir))
 
-    from rmjob_trainer.cli import main
+    from rmjob_trainer.cli import run
 
-    sys.exit(main())
+    run()

@@ -7,6 +7,7 @@ import datetime
 import http.server
 import json
 import logging
+import sys
 import threading
 import time
 import types
@@ -66,6 +67,14 @@ def job_env(monkeypatch: pytest.MonkeyPatch, api_server: str) -> str:
 def test_off_outside_an_operator_launched_job(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RMJOB_JOB_NAME", raising=False)
     monkeypatch.setenv("RMJOB_NAMESPACE", "team-a")
+    assert StatusReporter.from_env() is None
+
+
+def test_off_outside_a_job_without_the_kubernetes_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine that trains without Kubernetes (the GPU check's image) may lack the client."""
+    monkeypatch.delenv("RMJOB_JOB_NAME", raising=False)
+    for module in ("kubernetes", "kubernetes.client", "kubernetes.config"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import kubernetes` raises ImportError
     assert StatusReporter.from_env() is None
 
 

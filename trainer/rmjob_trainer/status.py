@@ -97,12 +97,12 @@ class StatusReporter:
         hack/cluster/pod_runner.py), else the standard directory. ``RMJOB_STATUS_INTERVAL`` sets
         the minimum seconds between reports (default 10).
         """
+        name, namespace = os.environ.get("RMJOB_JOB_NAME"), os.environ.get("RMJOB_NAMESPACE")
+        if not name or not namespace:
+            return None  # before importing kubernetes: a run outside Kubernetes may not have it
         from kubernetes.client import Configuration
         from kubernetes.config import ConfigException
 
-        name, namespace = os.environ.get("RMJOB_JOB_NAME"), os.environ.get("RMJOB_NAMESPACE")
-        if not name or not namespace:
-            return None
         if min_interval is None:
             min_interval = float(os.environ.get("RMJOB_STATUS_INTERVAL", "10"))
         api = os.environ.get("RMJOB_KUBE_API")

@@ -187,11 +187,10 @@ async def test_trainer_spec_change_of_a_started_job_is_refused(cluster: Cluster,
     assert rmj(cluster)["status"]["observedGeneration"] == 3
 
 
-def operator_with_a_new_trainer_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Turn the running operator into its next version, whose RewardConfig has one more flag
-    (``futureFlag``, default 7) and so whose CRD has one more defaulted trainer field."""
-    trainer = create_model("TrainerSpecNext", __base__=spec_module.TrainerSpec,
-                           future_flag=(int, Field(default=7, description="A flag of the next version.")))
+def operator_with_trainer_fields(monkeypatch: pytest.MonkeyPatch, **fields: tuple) -> None:
+    """Turn the running operator into a version whose TrainerSpec has ``fields`` (create_model's
+    ``name=(annotation, FieldInfo)``) added or redefined."""
+    trainer = create_model("TrainerSpecNext", __base__=spec_module.TrainerSpec, **fields)
     spec_next = create_model("RewardModelJobSpecNext", __base__=spec_module.RewardModelJobSpec,
                              trainer=(trainer, Field(description="Trainer settings.")))
 
@@ -200,6 +199,13 @@ def operator_with_a_new_trainer_flag(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(handlers, "parse_spec", parse_spec_next)
     monkeypatch.setattr(render, "parse_spec", parse_spec_next)
+
+
+def operator_with_a_new_trainer_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turn the running operator into its next version, whose RewardConfig has one more flag
+    (``futureFlag``, default 7) and so whose CRD has one more defaulted trainer field."""
+    operator_with_trainer_fields(monkeypatch,
+                                 future_flag=(int, Field(default=7, description="A flag of the next version.")))
 
 
 async def test_an_operator_upgrade_adding_a_trainer_flag_keeps_safe_edits_working(
@@ -220,16 +226,7 @@ async def test_an_operator_upgrade_adding_a_trainer_flag_keeps_safe_edits_workin
 def operator_with_another_default(monkeypatch: pytest.MonkeyPatch, field: str, default: object) -> None:
     """Turn the running operator into a version whose TrainerSpec has another default for ``field``."""
     info = spec_module.TrainerSpec.model_fields[field]
-    trainer = create_model("TrainerSpecNext", __base__=spec_module.TrainerSpec,
-                           **{field: (info.annotation, Field(default=default, alias=info.alias))})
-    spec_next = create_model("RewardModelJobSpecNext", __base__=spec_module.RewardModelJobSpec,
-                             trainer=(trainer, Field(description="Trainer settings.")))
-
-    def parse_spec_next(spec: dict) -> spec_module.RewardModelJobSpec:
-        return spec_next.model_validate(spec)
-
-    monkeypatch.setattr(handlers, "parse_spec", parse_spec_next)
-    monkeypatch.setattr(render, "parse_spec", parse_spec_next)
+    operator_with_trainer_fields(monkeypatch, **{field: (info.annotation, Field(default=default, alias=info.alias))})
 
 
 async def test_an_operator_upgrade_changing_a_default_keeps_safe_edits_working(

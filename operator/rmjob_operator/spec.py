@@ -160,23 +160,6 @@ _QUANTITY_PATTERN = (
 )
 
 
-def _quantity(value: Any) -> int | str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and re.match(_QUANTITY_PATTERN, value):
-        return value
-    raise ValueError(f"expected a quantity like 8, '16Gi' or '500m', got {value!r}")
-
-
-Quantity = Annotated[
-    int | str,
-    PlainValidator(_quantity),
-    WithJsonSchema({
-        "anyOf": [{"type": "integer"}, {"type": "string"}],
-        "pattern": _QUANTITY_PATTERN,
-        "x-kubernetes-int-or-string": True,
-    }),
-]
 # A claim's size: the API server refuses a claim of zero or less ("must be greater than zero"),
 # but only when the operator creates it, after the job was accepted. A mantissa with a nonzero
 # digit and no minus sign; ``minimum`` bounds the integer form (JSON Schema applies each
@@ -187,24 +170,32 @@ _POSITIVE_QUANTITY_PATTERN = (
 )
 
 
-def _positive_quantity(value: Any) -> int | str:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    if isinstance(value, str) and re.match(_POSITIVE_QUANTITY_PATTERN, value):
-        return value
-    raise ValueError(f"expected a quantity greater than zero like '50Gi', got {value!r}")
+def _quantity_type(pattern: str, expected: str, minimum: int | None = None) -> Any:
+    """Kubernetes' int-or-string quantity: an int (at least ``minimum``) or a string matching
+    ``pattern``; anything else is refused as not ``expected``."""
+
+    def validate(value: Any) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum):
+            return value
+        if isinstance(value, str) and re.match(pattern, value):
+            return value
+        raise ValueError(f"expected {expected}, got {value!r}")
+
+    bounds = {} if minimum is None else {"minimum": minimum}
+    return Annotated[
+        int | str,
+        PlainValidator(validate),
+        WithJsonSchema({
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            **bounds,
+            "pattern": pattern,
+            "x-kubernetes-int-or-string": True,
+        }),
+    ]
 
 
-PositiveQuantity = Annotated[
-    int | str,
-    PlainValidator(_positive_quantity),
-    WithJsonSchema({
-        "anyOf": [{"type": "integer"}, {"type": "string"}],
-        "minimum": 1,
-        "pattern": _POSITIVE_QUANTITY_PATTERN,
-        "x-kubernetes-int-or-string": True,
-    }),
-]
+Quantity = _quantity_type(_QUANTITY_PATTERN, "a quantity like 8, '16Gi' or '500m'")
+PositiveQuantity = _quantity_type(_POSITIVE_QUANTITY_PATTERN, "a quantity greater than zero like '50Gi'", minimum=1)
 # Names of objects the pods refer to (claims, storage classes): the API server refuses any other
 # name in the claim the operator creates, and a pod's claim of such a name never binds.
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"

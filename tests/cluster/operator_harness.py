@@ -106,6 +106,7 @@ def new_namespace(kubectl, *labels: str) -> str:
     kubectl("create", "namespace", name)
     if labels:
         kubectl("label", "namespace", name, *labels)
+    # Pods need the namespace's default ServiceAccount, which a controller creates.
     kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=60s")
     return name
 

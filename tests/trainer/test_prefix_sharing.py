@@ -9,7 +9,9 @@ import torch
 
 from rmjob_trainer.model import get_reward
 from rmjob_trainer.packing import VARLEN_SDPA, collate_packed, packed_rewards
-from rmjob_trainer.prefix_sharing import block_masks, collate_shared, shared_prefix_attention, unshared
+from rmjob_trainer import prefix_sharing
+from rmjob_trainer.prefix_sharing import (SdpaCall, block_mask_is_cheaper, collate_shared, sdpa_calls,
+                                          shared_prefix_attention, unshared)
 
 from test_packing import FAMILIES, PAD, bt_loss, family_model, grads, padded, tiny_model
 
@@ -38,6 +40,16 @@ def chosen_rejected(names=PAIRS) -> tuple[list[list[int]], list[list[int]]]:
     return [c for c, _ in pairs], [r for _, r in pairs]
 
 
+FORCED = {"block-mask": 10**12, "per-segment": -1}  # BLOCK_MASK_MAX_MASKED_SCORES that force one layout
+
+
+@pytest.fixture(params=list(FORCED))
+def every_pair(request, monkeypatch) -> str:
+    """Every pair of a row in one CPU layout, whichever the rule would pick."""
+    monkeypatch.setattr(prefix_sharing, "BLOCK_MASK_MAX_MASKED_SCORES", FORCED[request.param])
+    return request.param
+
+
 def test_collate_shared_layout():
     batch = collate_shared([[1, 2, 3, 4], [5], [8, 9]], [[1, 2, 6], [5], [7]])
     # pair 0: prefix [1 2] once, chosen suffix [3 4], rejected suffix [6] at positions 2..;
@@ -52,13 +64,15 @@ def test_collate_shared_layout():
     assert batch["cu_seq_lens_k"].tolist() == [0, 4, 7, 8, 10, 11]
     assert batch["cu_seq_lens_q"].dtype == batch["cu_seq_lens_k"].dtype == torch.int32
     assert (batch["max_length_q"], batch["max_length_k"]) == (4, 4)
-    masks = block_masks(batch["shared_pairs"], torch.device("cpu"))
-    assert masks[0].int().tolist() == [[1, 0, 0, 0, 0],
-                                       [1, 1, 0, 0, 0],
-                                       [1, 1, 1, 0, 0],
-                                       [1, 1, 1, 1, 0],
-                                       [1, 1, 0, 0, 1]]  # [6] sees the prefix [1 2], not [3 4]
-    assert masks[1] is None and masks[2].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    (start, end, keys, mask), identical, no_prefix = sdpa_calls(batch["shared_pairs"], torch.device("cpu"))
+    assert (start, end, keys) == (0, 5, None)  # short pairs: one call with a block mask each
+    assert mask.int().tolist() == [[1, 0, 0, 0, 0],
+                                   [1, 1, 0, 0, 0],
+                                   [1, 1, 1, 0, 0],
+                                   [1, 1, 1, 1, 0],
+                                   [1, 1, 0, 0, 1]]  # [6] sees the prefix [1 2], not [3 4]
+    assert identical == SdpaCall(5, 6, None, None)
+    assert no_prefix[:3] == (6, 9, None) and no_prefix.mask.int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
     back = unshared(batch)
     want = collate_packed([[1, 2, 3, 4], [5], [8, 9], [1, 2, 6], [5], [7]])
     assert back.keys() == want.keys()
@@ -71,8 +85,52 @@ def test_collate_shared_layout():
         collate_shared([[1], [2]], [[1]])
 
 
+def test_per_segment_calls(monkeypatch):
+    monkeypatch.setattr(prefix_sharing, "BLOCK_MASK_MAX_MASKED_SCORES", -1)
+    batch = collate_shared([[1, 2, 3, 4], [5], [8, 9]], [[1, 2, 6, 7], [5], [7]])
+    calls = sdpa_calls(batch["shared_pairs"], torch.device("cpu"))
+    # pair 0: [1 2 3 4] causal, then [6 7] against the keys [1 2 6 7]; pair 1: no R; pair 2: no P
+    assert [(c.start, c.end, None if c.keys is None else c.keys.tolist()) for c in calls] == \
+           [(0, 4, None), (4, 6, [0, 1, 4, 5]), (6, 7, None), (7, 9, None), (9, 10, None)]
+    assert calls[1].mask.int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]  # causal, aligned to the last key
+    assert all(c.mask is None for c in calls if c is not calls[1])
+
+
+def test_rule_picks_per_segment_for_long_answers_and_the_block_mask_for_short_pairs():
+    """The shapes of docs/benchmarks.md ("Prefix sharing on CPU"): a short prompt with long
+    answers (the block mask measured 1.8x slower with 1,024-token answers), and the multi-turn
+    and single-turn data's median pairs (the block mask measured faster)."""
+    assert not block_mask_is_cheaper(32, 1024, 1024)
+    assert not block_mask_is_cheaper(32, 256, 256)
+    assert block_mask_is_cheaper(357, 41, 42)
+    assert block_mask_is_cheaper(66, 56, 64)
+
+
+def test_the_rule_mixes_layouts_in_one_row_with_unshared_rewards_and_gradients():
+    chosen, rejected = chosen_rejected()
+    chosen.append(PROMPT[:8] + _ids(200, 7))  # long answers after a short prompt: per segment
+    rejected.append(PROMPT[:8] + _ids(180, 8))
+    batch = collate_shared(chosen, rejected)
+    calls = sdpa_calls(batch["shared_pairs"], torch.device("cpu"))
+    gathered = [c for c in calls if c.keys is not None]
+    assert len(gathered) == 1 and gathered[0].start == batch["shared_pairs"][-1][1]
+    assert sum(c.mask is not None and c.keys is None for c in calls) == 4  # the short pairs with R: block masks
+    for family in ("llama", "mistral"):  # grouped-query heads; a window reaching into the prefix
+        model = family_model(family)
+        unshared_rewards = packed_rewards(model, collate_packed(chosen + rejected))
+        bt_loss(unshared_rewards).backward()
+        expected = grads(model)
+        shared = packed_rewards(model, batch)
+        bt_loss(shared).backward()
+        got = grads(model)
+        torch.testing.assert_close(shared, unshared_rewards, rtol=0, atol=ATOL)
+        assert got.keys() == expected.keys() and len(got) > 0
+        for name, grad in got.items():
+            torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=ATOL, msg=f"{family} {name}")
+
+
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
-def test_shared_rewards_and_gradients_equal_unshared_and_padded(arch):
+def test_shared_rewards_and_gradients_equal_unshared_and_padded(arch, every_pair):
     """All edge cases in one row; the reference is the unshared packed row and padded batches."""
     model = tiny_model(arch, "sdpa")
     chosen, rejected = chosen_rejected()
@@ -87,6 +145,8 @@ def test_shared_rewards_and_gradients_equal_unshared_and_padded(arch):
 
     batch = collate_shared(chosen, rejected)
     assert batch["input_ids"].shape[1] < sum(map(len, sequences))  # something is shared
+    calls = sdpa_calls(batch["shared_pairs"], torch.device("cpu"))
+    assert len(calls) == (len(PAIRS) if every_pair == "block-mask" else len(PAIRS) + 4)  # 4 pairs have an R
     shared = packed_rewards(model, batch)
     bt_loss(shared).backward()
     shared_grads = grads(model)
@@ -101,7 +161,7 @@ def test_shared_rewards_and_gradients_equal_unshared_and_padded(arch):
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
-def test_each_edge_case_alone_equals_its_sequences_alone(name):
+def test_each_edge_case_alone_equals_its_sequences_alone(name, every_pair):
     model = tiny_model("llama", "sdpa")
     (chosen,), (rejected,) = chosen_rejected([name])
     with torch.no_grad():
@@ -111,7 +171,7 @@ def test_each_edge_case_alone_equals_its_sequences_alone(name):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_packed_family_with_sliding_windows(family):
+def test_every_packed_family_with_sliding_windows(family, every_pair):
     """The rejected suffix's window reaches back into the shared prefix as far as in its own
     sequence, no further."""
     model = family_model(family)
@@ -123,7 +183,7 @@ def test_every_packed_family_with_sliding_windows(family):
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
-def test_gradients_with_sliding_windows(family):
+def test_gradients_with_sliding_windows(family, every_pair):
     model = family_model(family)
     chosen, rejected = chosen_rejected()
     bt_loss(packed_rewards(model, collate_packed(chosen + rejected))).backward()
@@ -135,7 +195,7 @@ def test_gradients_with_sliding_windows(family):
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=ATOL, msg=name)
 
 
-def test_gradients_with_gradient_checkpointing():
+def test_gradients_with_gradient_checkpointing(every_pair):
     """Recomputed layers get the layout again (it travels as a keyword argument)."""
     model = tiny_model("gpt_neox", "sdpa")
     chosen, rejected = chosen_rejected()
@@ -228,7 +288,7 @@ def test_non_causal_attention_is_refused():
 def _layout(batch):
     from rmjob_trainer.prefix_sharing import PrefixLayout
 
-    return PrefixLayout(batch["shared_pairs"], block_masks(batch["shared_pairs"], torch.device("cpu")),
+    return PrefixLayout(batch["shared_pairs"], sdpa_calls(batch["shared_pairs"], torch.device("cpu")),
                         batch["position_ids"][0], batch["kv_index"], batch["cu_seq_lens_q"],
                         batch["cu_seq_lens_k"], batch["max_length_q"], batch["max_length_k"], None, [])
 

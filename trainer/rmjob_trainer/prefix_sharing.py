@@ -22,12 +22,32 @@ The layout reaches every attention layer as the ``prefix_layout`` keyword argume
 recomputation under gradient checkpointing sees it too) of the ``sdpa_varlen`` attention
 (packing.py), which hands it to :func:`shared_prefix_attention`:
 
-* SDPA, one call per pair over ``[P C R]`` with a block mask (CPU, and the GPU fallback):
-  causal, except that ``R`` does not see ``C`` (and a windowed layer's window, by position).
-  The masks are built once per forward pass, on the batch's device, for all layers. Measured
-  faster on CPU than SDPA per segment (``[P C]`` with ``is_causal``, then ``R`` against the
-  keys ``[P R]``), although it also computes the masked ``R x C`` scores: fewer calls and no
-  key copies (bench/prefix_attention.py, docs/benchmarks.md).
+* SDPA (CPU, and the GPU fallback), per pair one of two layouts, chosen by
+  :func:`block_mask_is_cheaper` from the pair's token counts (``p`` shared, ``c`` and ``r``
+  in the chosen and the rejected suffix):
+
+  - one call over ``[P C R]`` with a block mask: causal, except that ``R`` does not see ``C``
+    (and a windowed layer's window, by position). SDPA with a mask computes every score,
+    masked or not: ``(p + c + r)**2``.
+  - per segment: ``[P C]`` with ``is_causal``, then ``R`` against the keys ``[P R]`` (gathered)
+    with a causal mask aligned to the last key: ``(p + c)**2 + r * (p + r)`` scores or fewer
+    (a long causal call skips blocks of keys above the diagonal), at the price of a second
+    call and a copy of ``P``'s and ``R``'s keys and values.
+
+  The difference is the scores the block mask computes in vain, ``r * (p + 2c)``: ``R x C``
+  and, above the diagonal, ``[P C] x R``. Both layouts compute ``P`` once, so the work sharing
+  saves does not enter the choice. The block mask is kept while ``r * (p + 2c) <=
+  BLOCK_MASK_MAX_MASKED_SCORES`` (65,536). Measured with bench/prefix_attention.py (the
+  benchmark's small GPT-NeoX, 1 thread, CPU time per 16-pair training step; docs/benchmarks.md,
+  "Prefix sharing on CPU"), the block mask took 4-11% less time up to ~37k (the multi-turn and
+  single-turn data's median pairs: 18k and 11k), the two were equal within 1% at 80k, per
+  segment took 6% less at 139k and 1.7x less at 2.1M (1,024-token answers after a 32-token
+  prompt). The crossover is that of a small model on CPU; near it the choice costs a few
+  percent either way. With very long answers after a short prompt even per segment took
+  12-17% more time than unshared packing: ``R``'s masked call computes all ``r * (p + r)``
+  scores where the unshared causal call skips blocks above the diagonal, and a 32-token ``P``
+  saves little. The masks and gathered key indices
+  are built once per forward pass, on the batch's device, for all layers.
 * flash-attention varlen (CUDA, fp16/bf16, flash-attn >= 2.1 installed): keys and values
   gathered into ``[P C] [P R]`` per pair (a copy of ``P``'s keys, not a recomputation) and one
   varlen call with ``causal=True``, which flash-attention aligns to the last key when a
@@ -60,6 +80,19 @@ from rmjob_trainer.packing import PACKED_FAMILIES, VARLEN_SDPA, packed_batch, pa
 logger = logging.getLogger(__name__)
 
 SHARING_IMPLEMENTATIONS = ("sdpa", VARLEN_SDPA, "flash_attention_2", "flash_attention_3")
+# where a pair's block mask stops paying off: scores computed in vain (module docstring, measured)
+BLOCK_MASK_MAX_MASKED_SCORES = 65536
+
+
+class SdpaCall(NamedTuple):
+    """One SDPA call over the shared row: the queries ``row[start:end]`` against the keys and
+    values ``row[keys]`` (None: the queries' own tokens), ``mask`` ``[queries, keys]`` (None:
+    causal)."""
+
+    start: int
+    end: int
+    keys: torch.Tensor | None
+    mask: torch.Tensor | None
 
 
 class PrefixLayout(NamedTuple):
@@ -68,8 +101,8 @@ class PrefixLayout(NamedTuple):
 
     ``pairs``: per pair ``(start, chosen_end, end, shared)``: ``[P C]`` is
     ``row[start:chosen_end]``, ``R`` is ``row[chosen_end:end]``, ``P`` its first ``shared``
-    tokens. ``masks``: per pair the block mask ``[n, n]`` (None where plain causal attention is
-    right: no ``R``), ``positions``: the row's position ids ``[total]`` (windows are by position).
+    tokens. ``sdpa``: the SDPA calls covering the row in order (:func:`sdpa_calls`),
+    ``positions``: the row's position ids ``[total]`` (windows are by position).
     ``kv_index``, ``cu_seq_lens_q/k``, ``max_length_q/k``: the segments ``[P C]``, ``R`` as a
     flash-attention varlen call sees them (keys gathered by ``kv_index``). ``flash``: the
     flash-attention implementation to use on CUDA, or None. ``calls``: one entry per attention
@@ -77,7 +110,7 @@ class PrefixLayout(NamedTuple):
     """
 
     pairs: list[tuple[int, int, int, int]]
-    masks: list[torch.Tensor | None]
+    sdpa: list[SdpaCall]
     positions: torch.Tensor
     kv_index: torch.Tensor
     cu_seq_lens_q: torch.Tensor
@@ -167,7 +200,7 @@ def shared_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
     if model.config._attn_implementation != VARLEN_SDPA:
         model._rmjob_flash = _flash_implementation(model, batch["input_ids"].device)
         model.set_attn_implementation(VARLEN_SDPA)
-    layout = PrefixLayout(batch["shared_pairs"], block_masks(batch["shared_pairs"], batch["input_ids"].device),
+    layout = PrefixLayout(batch["shared_pairs"], sdpa_calls(batch["shared_pairs"], batch["input_ids"].device),
                           batch["position_ids"][0], batch["kv_index"], batch["cu_seq_lens_q"],
                           batch["cu_seq_lens_k"], batch["max_length_q"], batch["max_length_k"],
                           getattr(model, "_rmjob_flash", None), [])
@@ -182,19 +215,37 @@ def shared_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
     return model.score(hidden[0, batch["reward_index"]]).squeeze(-1)
 
 
-def block_masks(pairs: list[tuple[int, int, int, int]], device: torch.device) -> list[torch.Tensor | None]:
-    """Per pair, which keys each query of ``[P C R]`` sees: the earlier tokens of the row, except
-    that ``R`` does not see ``C``. None for a pair without ``R`` (plain causal)."""
-    masks: list[torch.Tensor | None] = []
+def block_mask_is_cheaper(shared: int, chosen_suffix: int, rejected_suffix: int) -> bool:
+    """Whether one SDPA call with a block mask beats two per segment for a pair with a prefix of
+    ``shared`` tokens and suffixes of ``chosen_suffix`` and ``rejected_suffix`` tokens (see the
+    module docstring): yes while the scores it computes in vain stay under what a second call
+    costs."""
+    return rejected_suffix * (shared + 2 * chosen_suffix) <= BLOCK_MASK_MAX_MASKED_SCORES
+
+
+def sdpa_calls(pairs: list[tuple[int, int, int, int]], device: torch.device) -> list[SdpaCall]:
+    """The SDPA calls of a shared row, each pair's by :func:`block_mask_is_cheaper`: one over
+    ``[P C R]`` whose mask hides ``C`` from ``R``, or ``[P C]`` (causal), then ``R`` against the
+    keys ``[P R]`` (causal, aligned to the last key). A pair without ``R`` is one causal call."""
+    calls: list[SdpaCall] = []
     for start, chosen_end, end, shared in pairs:
-        if end == chosen_end:
-            masks.append(None)
-            continue
-        index = torch.arange(end - start, device=device)
-        mask = index[:, None] >= index[None, :]
-        mask[chosen_end - start:, shared:chosen_end - start] = False
-        masks.append(mask)
-    return masks
+        chosen_suffix, rejected_suffix = chosen_end - start - shared, end - chosen_end
+        if rejected_suffix == 0:
+            calls.append(SdpaCall(start, end, None, None))
+        elif block_mask_is_cheaper(shared, chosen_suffix, rejected_suffix):
+            index = torch.arange(end - start, device=device)
+            mask = index[:, None] >= index[None, :]
+            mask[chosen_end - start:, shared:chosen_end - start] = False
+            calls.append(SdpaCall(start, end, None, mask))
+        elif shared == 0:
+            calls += [SdpaCall(start, chosen_end, None, None), SdpaCall(chosen_end, end, None, None)]
+        else:
+            keys = torch.cat([torch.arange(start, start + shared, device=device),
+                              torch.arange(chosen_end, end, device=device)])
+            queries = torch.arange(shared, shared + rejected_suffix, device=device)
+            mask = queries[:, None] >= torch.arange(shared + rejected_suffix, device=device)[None, :]
+            calls += [SdpaCall(start, chosen_end, None, None), SdpaCall(chosen_end, end, keys, mask)]
+    return calls
 
 
 def _cannot_share(model: PreTrainedModel) -> str | None:
@@ -235,14 +286,18 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     if _use_flash(layout, query):
         return _flash_attention(query, key, value, layout, sliding_window, **kwargs), None
     outputs = []
-    for (start, _, end, _), mask in zip(layout.pairs, layout.masks):
-        if sliding_window is not None and end - start > 1:
-            positions = layout.positions[start:end]
-            window = (positions[:, None] - positions[None, :]) < sliding_window
+    for start, end, keys, mask in layout.sdpa:
+        key_rows = slice(start, end) if keys is None else keys
+        if sliding_window is not None:
+            distance = layout.positions[start:end, None] - layout.positions[key_rows][None, :]
+            window = distance < sliding_window
             mask = window & (torch.ones_like(window).tril() if mask is None else mask)
-        output, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                                           value[:, :, start:end], None if mask is None else mask[None, None],
-                                           **kwargs)
+        if keys is None:
+            call_keys, call_values = key[:, :, start:end], value[:, :, start:end]
+        else:
+            call_keys, call_values = key.index_select(2, keys), value.index_select(2, keys)
+        output, _ = sdpa_attention_forward(module, query[:, :, start:end], call_keys, call_values,
+                                           None if mask is None else mask[None, None], **kwargs)
         outputs.append(output)
     return torch.cat(outputs, 1), None
 

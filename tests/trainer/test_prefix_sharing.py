@@ -98,7 +98,7 @@ def test_per_segment_calls(monkeypatch):
 
 def test_rule_picks_per_segment_for_long_answers_and_the_block_mask_for_short_pairs():
     """The shapes of docs/benchmarks.md ("Prefix sharing on CPU"): a short prompt with long
-    answers (the block mask measured 1.8x slower with 1,024-token answers), and the multi-turn
+    answers (the block mask measured 1.7x slower with 1,024-token answers), and the multi-turn
     and single-turn data's median pairs (the block mask measured faster)."""
     assert not block_mask_is_cheaper(32, 1024, 1024)
     assert not block_mask_is_cheaper(32, 256, 256)

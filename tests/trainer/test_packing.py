@@ -34,12 +34,11 @@ def padded(seqs: list[list[int]]) -> torch.Tensor:
     return torch.tensor([s + [PAD] * (longest - len(s)) for s in seqs])
 
 
-def bt_loss(rewards: torch.Tensor) -> torch.Tensor:
+def bt_grads(model, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gradients of the Bradley-Terry loss of ``rewards`` (the chosen half, then the rejected
+    one), by parameter name; the model's own are cleared for the next comparison."""
     chosen, rejected = rewards.chunk(2)
-    return -F.logsigmoid(chosen - rejected).mean()
-
-
-def grads(model) -> dict[str, torch.Tensor]:
+    (-F.logsigmoid(chosen - rejected).mean()).backward()
     out = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return out
@@ -64,12 +63,10 @@ def test_packed_rewards_and_gradients_equal_padded(arch, attn):
     seqs = sequences()
 
     padded_rewards = get_reward(model, padded(seqs), PAD)
-    bt_loss(padded_rewards).backward()
-    padded_grads = grads(model)
+    padded_grads = bt_grads(model, padded_rewards)
 
     packed = packed_rewards(model, collate_packed(seqs))
-    bt_loss(packed).backward()
-    packed_grads = grads(model)
+    packed_grads = bt_grads(model, packed)
 
     # sdpa models run on the per-sequence kernel; others keep their own implementation
     assert model.config._attn_implementation == (VARLEN_SDPA if attn == "sdpa" else attn)
@@ -103,13 +100,11 @@ def test_packed_gradients_with_gradient_checkpointing():
     """Recomputed layers must see the same per-sequence attention as the first forward."""
     model = tiny_model("gpt_neox", "sdpa")
     seqs = sequences()
-    bt_loss(get_reward(model, padded(seqs), PAD)).backward()
-    expected = grads(model)
+    expected = bt_grads(model, get_reward(model, padded(seqs), PAD))
 
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    bt_loss(packed_rewards(model, collate_packed(seqs))).backward()
-    got = grads(model)
+    got = bt_grads(model, packed_rewards(model, collate_packed(seqs)))
     assert got.keys() == expected.keys()
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -202,10 +197,8 @@ def test_packed_rewards_equal_per_sequence_rewards_for_every_family(family):
 def test_packed_gradients_equal_padded_with_sliding_windows(family):
     model = family_model(family)
     seqs = sequences()
-    bt_loss(get_reward(model, padded(seqs), PAD)).backward()
-    expected = grads(model)
-    bt_loss(packed_rewards(model, collate_packed(seqs))).backward()
-    got = grads(model)
+    expected = bt_grads(model, get_reward(model, padded(seqs), PAD))
+    got = bt_grads(model, packed_rewards(model, collate_packed(seqs)))
     assert got.keys() == expected.keys() and len(got) > 0
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)

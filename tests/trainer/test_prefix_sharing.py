@@ -13,7 +13,7 @@ from rmjob_trainer import prefix_sharing
 from rmjob_trainer.prefix_sharing import (SdpaCall, block_mask_is_cheaper, collate_shared, sdpa_calls,
                                           shared_prefix_attention, unshared)
 
-from test_packing import FAMILIES, PAD, bt_loss, family_model, grads, padded, tiny_model
+from test_packing import FAMILIES, PAD, bt_grads, family_model, padded, tiny_model
 
 ATOL = 1e-5
 
@@ -118,11 +118,9 @@ def test_the_rule_mixes_layouts_in_one_row_with_unshared_rewards_and_gradients()
     for family in ("llama", "mistral"):  # grouped-query heads; a window reaching into the prefix
         model = family_model(family)
         unshared_rewards = packed_rewards(model, collate_packed(chosen + rejected))
-        bt_loss(unshared_rewards).backward()
-        expected = grads(model)
+        expected = bt_grads(model, unshared_rewards)
         shared = packed_rewards(model, batch)
-        bt_loss(shared).backward()
-        got = grads(model)
+        got = bt_grads(model, shared)
         torch.testing.assert_close(shared, unshared_rewards, rtol=0, atol=ATOL)
         assert got.keys() == expected.keys() and len(got) > 0
         for name, grad in got.items():
@@ -137,19 +135,16 @@ def test_shared_rewards_and_gradients_equal_unshared_and_padded(arch, every_pair
     sequences = chosen + rejected
 
     reference = get_reward(model, padded(sequences), PAD)
-    bt_loss(reference).backward()
-    padded_grads = grads(model)
+    padded_grads = bt_grads(model, reference)
     packed = packed_rewards(model, collate_packed(sequences))
-    bt_loss(packed).backward()
-    packed_grads = grads(model)
+    packed_grads = bt_grads(model, packed)
 
     batch = collate_shared(chosen, rejected)
     assert batch["input_ids"].shape[1] < sum(map(len, sequences))  # something is shared
     calls = sdpa_calls(batch["shared_pairs"], torch.device("cpu"))
     assert len(calls) == (len(PAIRS) if every_pair == "block-mask" else len(PAIRS) + 4)  # 4 pairs have an R
     shared = packed_rewards(model, batch)
-    bt_loss(shared).backward()
-    shared_grads = grads(model)
+    shared_grads = bt_grads(model, shared)
 
     assert model.config._attn_implementation == VARLEN_SDPA
     torch.testing.assert_close(shared, packed, rtol=0, atol=ATOL)
@@ -186,10 +181,8 @@ def test_every_packed_family_with_sliding_windows(family, every_pair):
 def test_gradients_with_sliding_windows(family, every_pair):
     model = family_model(family)
     chosen, rejected = chosen_rejected()
-    bt_loss(packed_rewards(model, collate_packed(chosen + rejected))).backward()
-    expected = grads(model)
-    bt_loss(packed_rewards(model, collate_shared(chosen, rejected))).backward()
-    got = grads(model)
+    expected = bt_grads(model, packed_rewards(model, collate_packed(chosen + rejected)))
+    got = bt_grads(model, packed_rewards(model, collate_shared(chosen, rejected)))
     assert got.keys() == expected.keys() and len(got) > 0
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=ATOL, msg=name)
@@ -199,12 +192,10 @@ def test_gradients_with_gradient_checkpointing(every_pair):
     """Recomputed layers get the layout again (it travels as a keyword argument)."""
     model = tiny_model("gpt_neox", "sdpa")
     chosen, rejected = chosen_rejected()
-    bt_loss(packed_rewards(model, collate_packed(chosen + rejected))).backward()
-    expected = grads(model)
+    expected = bt_grads(model, packed_rewards(model, collate_packed(chosen + rejected)))
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    bt_loss(packed_rewards(model, collate_shared(chosen, rejected))).backward()
-    got = grads(model)
+    got = bt_grads(model, packed_rewards(model, collate_shared(chosen, rejected)))
     assert got.keys() == expected.keys()
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=ATOL, msg=name)
@@ -221,11 +212,9 @@ def test_lora_gradients_equal_unshared(tiny_model_dir):
             torch.nn.init.normal_(parameter, std=0.1)
     chosen, rejected = chosen_rejected()
     unshared_rewards = packed_rewards(model, collate_packed(chosen + rejected))
-    bt_loss(unshared_rewards).backward()
-    expected = grads(model)
+    expected = bt_grads(model, unshared_rewards)
     shared = packed_rewards(model, collate_shared(chosen, rejected))
-    bt_loss(shared).backward()
-    got = grads(model)
+    got = bt_grads(model, shared)
     torch.testing.assert_close(shared, unshared_rewards, rtol=0, atol=ATOL)
     assert got.keys() == expected.keys() and any("lora_A" in name for name in got)
     for name, grad in got.items():

@@ -4,15 +4,21 @@
     python bench/gpu_check.py --device cpu --tiny      # the same plumbing in seconds (the CI test)
 
 1. Rewards agree: the same random-init model scores the same pairs through the trainer's own
-   evaluation path (``rmjob_trainer.train.score`` on an engine from ``build_engine``) four
-   ways: fp32 padded (the reference), and in bf16 padded, padding-free and padding-free with
-   ``prefix_sharing`` -- each only a RewardConfig flag, so this runs whatever the trainer does
-   for that flag. The bf16 variants must agree with bf16 padded within the bf16 tolerance
-   (below), and prefix sharing must really compute fewer tokens (counted at the embedding).
-2. Attention: flash-attention 2 (varlen, driven by the packed batch's ``cu_seq_lens``) where the
-   ``flash_attn`` package is installed, else sdpa (the trainer's per-sequence ``sdpa_varlen``);
-   the implementation the model actually ran is read back, reported and must be that one
-   (prefix sharing runs through ``sdpa_varlen`` and calls flash-attention for its shared layout).
+   evaluation path (``rmjob_trainer.train.score`` on an engine from ``build_engine``) six ways:
+   padded, padding-free and padding-free with ``prefix_sharing``, each in fp32 and in bf16 --
+   each only a RewardConfig flag, so this runs whatever the trainer does for that flag. fp32
+   padding-free and prefix-shared (sdpa: flash-attention takes no fp32) must agree with fp32
+   padded within 1e-4 of the fp32 rewards' RMS, tight enough to catch a wrong position or mask
+   that bf16's rounding hides; bf16 padding-free and prefix-shared (flash-attention where it
+   runs) with bf16 padded within the bf16 tolerance (below). Prefix sharing must really compute
+   fewer tokens (counted at the embedding).
+2. Attention: flash-attention 2 (varlen, driven by the packed batch's ``cu_seq_lens``) only
+   where the ``flash_attn`` package is installed and the device is CUDA, else sdpa (the
+   trainer's per-sequence ``sdpa_varlen``); the report says which ran and why (the H200 image
+   has no flash_attn and PyPI no binary wheel of it, so there the check runs sdpa on CUDA and
+   says so). The implementation the model actually ran is read back and must be that one
+   (prefix sharing runs through ``sdpa_varlen`` and, in bf16, calls flash-attention for its
+   shared layout where installed).
 3. Throughput: a random-init Llama-shaped model (``--model 1b``: hidden 2048, 16 layers, 32 heads,
    MLP 8192, Llama-3.2-1B's shape with full-width KV heads, 1.08 B parameters) trained for
    ``--steps`` steps of ``--batch-size`` pairs of multi-turn conversations up to 1,024 tokens,
@@ -30,8 +36,9 @@ the data's mean real tokens per pair (the batches are random draws from it, in b
 
 MFU counts the FLOPs a pair needs without padding and without prefix sharing: per sequence of
 T tokens, 6 * N * T (N: non-embedding parameters) + 6 * layers * hidden * T**2 (causal attention,
-forward and backward), over the device's dense bf16 peak (989.4 TFLOP/s for the H100/H200 SXM,
-or ``--peak-tflops``). Padding and prefix sharing change the FLOPs done, not those counted, so a
+forward and backward), over the device's dense bf16 peak (989.4 TFLOP/s for the H100 and H200
+SXM, known by their exact device names; ``--peak-tflops`` on any other GPU, which is an error
+without it). Padding and prefix sharing change the FLOPs done, not those counted, so a
 padded trainer's MFU shows its waste and prefix sharing's can exceed what the hardware did.
 
 bf16 tolerance: a variant agrees when its rewards differ from bf16 padded's by at most 3x the
@@ -59,6 +66,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench_cli import OneLineParser
+
 REPO = Path(__file__).resolve().parents[1]
 # Imported at module level by the trainer or TRL, and not part of torch's usual company: the
 # wheels `make gpu-wheels` carries to a machine without network are these.
@@ -68,24 +77,27 @@ MODELS = {  # hidden_size, num_layers, num_heads (Llama, intermediate 4 x hidden
     "1b": (2048, 16, 32),
     "tiny": (64, 2, 4),
 }
-DENSE_BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4}  # SXM datasheets, without sparsity
-VARIANTS = {  # name -> RewardConfig flags; the first is the reference
+# torch.cuda.get_device_name() of the SXM parts, whose datasheets give 989.4 TFLOP/s dense bf16
+# (without sparsity). Exact names only: the PCIe and NVL cards and GH200 share the prefixes but
+# not the peak.
+DENSE_BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4}
+VARIANTS = {  # name -> RewardConfig flags; each precision's padded variant is its packed ones' reference
     "fp32_padded": {"mixed_precision": "no", "padding_free": False},
+    "fp32_padding_free": {"mixed_precision": "no", "padding_free": True, "prefix_sharing": False},
+    "fp32_prefix_shared": {"mixed_precision": "no", "padding_free": True, "prefix_sharing": True},
     "bf16_padded": {"mixed_precision": "bf16", "padding_free": False},
     "bf16_padding_free": {"mixed_precision": "bf16", "padding_free": True, "prefix_sharing": False},
     "bf16_prefix_shared": {"mixed_precision": "bf16", "padding_free": True, "prefix_sharing": True},
 }
 TOLERANCE_NOISE_FACTOR, TOLERANCE_RMS_FRACTION = 3.0, 0.02
+# fp32 packed vs fp32 padded differ only in summation order; bf16's rounding (~1/128 relative)
+# would hide a wrong rotary position in the prefix-shared rows, fp32's does not.
+FP32_TOLERANCE_RMS_FRACTION = 1e-4
 SCORE_ROWS = 10  # train.score returns the rewards of its first NUM_SAMPLE_ROWS (10) pairs
 
 
 class CheckError(Exception):
     """One line saying what is wrong (printed as ``error: ...``, exit status 2)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")  # one line, without the usage block
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="pairs per optimizer step (default 8; 2 with --tiny)")
     p.add_argument("--agreement-pairs", type=int, help="pairs scored by every variant (default 40; 10 with --tiny)")
     p.add_argument("--peak-tflops", type=float,
-                   help="the device's dense bf16 peak for MFU (default: known for H100/H200, else no MFU)")
+                   help="the device's dense bf16 peak for MFU (default: known for the H100 and H200 SXM; "
+                        "required on other GPUs)")
     p.add_argument("--seed", type=int, default=1, help="model, data and training seed")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where the JSON and .md go")
     args = p.parse_args(argv)
@@ -218,6 +231,15 @@ def flops_per_pair(dataset, non_embedding_params: int, layers: int, hidden: int)
 
 
 # --- 1 + 2: rewards of the variants -----------------------------------------------------------
+def build_model(args, work: Path) -> Path:
+    """The random-init ``--model`` every variant and trainer loads, saved under ``work``."""
+    from rmjob_trainer.tiny import build_tiny_model
+
+    hidden, layers, heads = MODELS[args.model]
+    return build_tiny_model(work / "model", arch="llama", hidden_size=hidden, num_layers=layers, num_heads=heads,
+                            max_position_embeddings=max(2048, args.max_length), seed=args.seed)
+
+
 def base_config(args, model: Path, data: Path, attn: str | None, **extra) -> dict:
     return dict(dataset_mixer={str(data): 1.0}, model_name_or_path=str(model), max_token_length=args.max_length,
                 per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=max(args.batch_size // 2, 1),
@@ -233,20 +255,33 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def attention_used(model) -> str:
+def attention_used(model, fp32: bool) -> str:
     """The attention the model ran. Prefix sharing runs through ``sdpa_varlen`` and, for its
-    shared layout, calls the flash-attention implementation it chose on the first batch
-    (rmjob_trainer.prefix_sharing keeps it on the model as ``_rmjob_flash``)."""
+    shared layout in fp16/bf16, calls the flash-attention implementation it chose on the first
+    batch (rmjob_trainer.prefix_sharing keeps it on the model as ``_rmjob_flash``); fp32 queries
+    stay on sdpa."""
     used = model.config._attn_implementation
-    flash = getattr(model, "_rmjob_flash", None)
+    flash = None if fp32 else getattr(model, "_rmjob_flash", None)
     return f"{used} + {flash} (shared layout)" if flash else used
 
 
 def expected_attention(flash_installed: bool) -> dict[str, str]:
+    expected = {"fp32_padding_free": "sdpa_varlen", "fp32_prefix_shared": "sdpa_varlen"}
     if flash_installed:
-        return {"bf16_padding_free": "flash_attention_2",
+        return {**expected, "bf16_padding_free": "flash_attention_2",
                 "bf16_prefix_shared": "sdpa_varlen + flash_attention_2 (shared layout)"}
-    return {"bf16_padding_free": "sdpa_varlen", "bf16_prefix_shared": "sdpa_varlen"}
+    return {**expected, "bf16_padding_free": "sdpa_varlen", "bf16_prefix_shared": "sdpa_varlen"}
+
+
+def attention_kernel(device: str, flash_installed: bool) -> str:
+    """Which attention the bf16 packed variants and the throughput runs use, and why."""
+    if flash_installed:
+        return "flash_attention_2 (flash_attn installed)"
+    if device == "cpu":
+        return "sdpa (--device cpu: flash-attention needs CUDA)"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "sdpa (flash_attn not installed)"
+    return "sdpa (flash_attn installed, but transformers cannot use it: is_flash_attn_2_available() is False)"
 
 
 def agreement(args, model: Path, data: Path, attn: str | None, flash_installed: bool) -> dict:
@@ -286,7 +321,7 @@ def agreement(args, model: Path, data: Path, attn: str | None, flash_installed: 
             pairs += [(row[2], row[3]) for row in rows]
         hook.remove()
         rewards[name], tokens[name] = pairs, counted[0]
-        used[name] = attention_used(engine.hf_model)
+        used[name] = attention_used(engine.hf_model, fp32=flags["mixed_precision"] == "no")
         del engine
         free_device_memory()
 
@@ -296,17 +331,23 @@ def agreement(args, model: Path, data: Path, attn: str | None, flash_installed: 
     def max_difference(a: str, b: str) -> float:
         return max(abs(x - y) for pa, pb in zip(rewards[a], rewards[b]) for x, y in zip(pa, pb))
 
+    fp32_tolerance = FP32_TOLERANCE_RMS_FRACTION * rms
+    fp32_differences = {name: max_difference(name, "fp32_padded")
+                        for name in ("fp32_padding_free", "fp32_prefix_shared")}
     bf16_noise = max_difference("bf16_padded", "fp32_padded")
     tolerance = max(TOLERANCE_NOISE_FACTOR * bf16_noise, TOLERANCE_RMS_FRACTION * rms)
     differences = {name: max_difference(name, "bf16_padded") for name in ("bf16_padding_free", "bf16_prefix_shared")}
     expected = expected_attention(flash_installed)
     packed_attention_ok = all(used[name] == expected[name] for name in expected)
-    prefix_effective = tokens["bf16_prefix_shared"] < tokens["bf16_padding_free"]
+    prefix_effective = all(tokens[f"{precision}_prefix_shared"] < tokens[f"{precision}_padding_free"]
+                           for precision in ("fp32", "bf16"))
     return {
         "pairs": len(reference) // 2, "reward_rms_fp32": rms,
+        "fp32_tolerance": fp32_tolerance, "max_diff_vs_fp32_padded": fp32_differences,
+        "fp32_rewards_agree": all(value <= fp32_tolerance for value in fp32_differences.values()),
         "bf16_padded_vs_fp32_max_diff": bf16_noise, "tolerance": tolerance,
         "max_diff_vs_bf16_padded": differences,
-        "rewards_agree": all(value <= tolerance for value in differences.values()),
+        "bf16_rewards_agree": all(value <= tolerance for value in differences.values()),
         "tokens_computed": tokens,
         "prefix_sharing_effective": prefix_effective,
         "attention_used": used, "attention_expected": expected,
@@ -435,9 +476,18 @@ def environment(args) -> dict:
 
 
 def peak_tflops_of(args, env: dict) -> float | None:
+    """The dense bf16 peak MFU is counted against: ``--peak-tflops``, else the known GPU's, else
+    none on the CPU; an unknown GPU is an error before anything runs, not an MFU against another
+    part's peak."""
     if args.peak_tflops:
         return args.peak_tflops
-    return next((peak for name, peak in DENSE_BF16_PEAK_TFLOPS.items() if name in env.get("gpu", "")), None)
+    gpu = env.get("gpu")
+    if gpu is None:
+        return None
+    if gpu not in DENSE_BF16_PEAK_TFLOPS:
+        raise CheckError(f"GPU {gpu!r} has no known dense bf16 peak (known: {', '.join(DENSE_BF16_PEAK_TFLOPS)}): "
+                         "pass --peak-tflops for its MFU")
+    return DENSE_BF16_PEAK_TFLOPS[gpu]
 
 
 def run(args, work: Path) -> dict:
@@ -460,15 +510,14 @@ def run(args, work: Path) -> dict:
     from rmjob_trainer.config import RewardConfig
     from rmjob_trainer.data import build_datasets
     from rmjob_trainer.model import load_tokenizer
-    from rmjob_trainer.tiny import build_tiny_model
 
     env = environment(args)
+    peak = peak_tflops_of(args, env)
     flash_installed = args.device == "cuda" and is_flash_attn_2_available()
     attn = "flash_attention_2" if flash_installed else None  # None: the trainer's default, sdpa
 
     hidden, layers, heads = MODELS[args.model]
-    model = build_tiny_model(work / "model", arch="llama", hidden_size=hidden, num_layers=layers, num_heads=heads,
-                             max_position_embeddings=max(2048, args.max_length), seed=args.seed)
+    model = build_model(args, work)
     data = write_data(work / "data", 2 * args.steps * args.batch_size + 8, args.agreement_pairs + 8,
                       args.max_length, args.seed)
     cfg = RewardConfig(**base_config(args, model, data, attn, output_dir=str(work / "unused")))
@@ -485,7 +534,6 @@ def run(args, work: Path) -> dict:
     agree = agreement(args, model, data, attn, flash_installed)
     now = phase("reward agreement", now)
     pair_flops = flops_per_pair(train_dataset, agree["parameters"]["non_embedding"], layers, hidden)
-    peak = peak_tflops_of(args, env)
 
     runs = {}
     for name, flags in (("rmjob_padding_free", {"padding_free": True, "prefix_sharing": False}),
@@ -501,7 +549,8 @@ def run(args, work: Path) -> dict:
                      "peak_gpu": (runs[name]["peak_gpu_gib"] / runs["trl"]["peak_gpu_gib"]
                                   if runs["trl"]["peak_gpu_gib"] else None)}
               for name in ("rmjob_padding_free", "rmjob_prefix_shared")}
-    checks = {"rewards_agree": agree["rewards_agree"], "attention_ok": agree["attention_ok"],
+    checks = {"fp32_rewards_agree": agree["fp32_rewards_agree"], "bf16_rewards_agree": agree["bf16_rewards_agree"],
+              "attention_ok": agree["attention_ok"],
               "prefix_sharing_effective": agree["prefix_sharing_effective"]}
     return {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -510,8 +559,8 @@ def run(args, work: Path) -> dict:
         "settings": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
         "model": {"arch": "llama", "hidden_size": hidden, "num_layers": layers, "num_heads": heads,
                   "intermediate_size": 4 * hidden, **agree["parameters"]},
-        "attention": {"flash_attn_installed": flash_installed, "requested": attn or "sdpa (trainer default)",
-                      "used": agree["attention_used"]},
+        "attention": {"flash_attn_installed": flash_installed, "kernel": attention_kernel(args.device, flash_installed),
+                      "requested": attn or "sdpa (trainer default)", "used": agree["attention_used"]},
         "data": stats, "flops_per_pair": pair_flops, "peak_tflops": peak,
         "agreement": agree, "runs": runs, "ratios_vs_trl": ratios,
         "phases_s": phases, "wall_s": time.perf_counter() - started,
@@ -542,19 +591,22 @@ def markdown(result: dict) -> str:
         f"{data['seq_len_median']:.0f}, max {data['seq_len_max']}), shared prefix {data['shared_prefix_tokens_per_pair']:.0f} "
         f"tokens per pair: prefix sharing computes {100 * data['prefix_sharing_saves']:.0f}% fewer tokens.",
         "",
-        f"Rewards of {agree['pairs']} pairs (max |difference|; fp32 rewards' RMS {agree['reward_rms_fp32']:.3f}; "
-        f"tolerance {agree['tolerance']:.4f}):",
+        f"Attention: {result['attention']['kernel']}.",
         "",
-        "| variant | vs bf16 padded | tokens computed | attention |",
+        f"Rewards of {agree['pairs']} pairs, max |difference| to the padded variant of the same precision "
+        f"(fp32 rewards' RMS {agree['reward_rms_fp32']:.3f}; tolerance fp32 {agree['fp32_tolerance']:.1e}, "
+        f"bf16 {agree['tolerance']:.4f}; bf16 padded vs fp32 padded {agree['bf16_padded_vs_fp32_max_diff']:.4f}):",
+        "",
+        "| variant | vs padded | tokens computed | attention |",
         "|---|---|---|---|",
-        f"| fp32 padded (reference) | {agree['bf16_padded_vs_fp32_max_diff']:.4f} (bf16 padded vs it) | "
-        f"{agree['tokens_computed']['fp32_padded']} | {agree['attention_used']['fp32_padded']} |",
-        f"| bf16 padded | - | {agree['tokens_computed']['bf16_padded']} | {agree['attention_used']['bf16_padded']} |",
     ]
-    for name in ("bf16_padding_free", "bf16_prefix_shared"):
-        lines.append(f"| {name.removeprefix('bf16_').replace('_', '-')} (bf16) | "
-                     f"{agree['max_diff_vs_bf16_padded'][name]:.4f} | {agree['tokens_computed'][name]} | "
-                     f"{agree['attention_used'][name]} |")
+    for name in VARIANTS:
+        precision, layout = name.split("_", 1)
+        difference = (agree["max_diff_vs_fp32_padded"].get(name) if precision == "fp32"
+                      else agree["max_diff_vs_bf16_padded"].get(name))
+        lines.append(f"| {precision} {layout.replace('_', '-')} | "
+                     f"{'-' if difference is None else format(difference, '.1e' if precision == 'fp32' else '.4f')} | "
+                     f"{agree['tokens_computed'][name]} | {agree['attention_used'][name]} |")
     timed = s["steps"] - 1 - s["warmup_steps"]
     lines += [
         "",

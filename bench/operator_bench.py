@@ -52,6 +52,8 @@ import time
 import uuid
 from pathlib import Path
 
+from bench_cli import OneLineParser
+
 REPO = Path(__file__).resolve().parents[1]
 KUBECTL = REPO / ".tools" / "bin" / "kubectl"
 # The operator process and the chart's identity, exactly as the cluster tests set them up; the
@@ -93,11 +95,6 @@ LOG_WARNING = re.compile(r"\[WARNING\s*\]")
 
 class BenchError(Exception):
     """What went wrong, in one line (printed as ``error: ...``)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")  # one line, without the usage block
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

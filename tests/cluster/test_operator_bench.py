@@ -4,7 +4,6 @@ counts, the report. No speed assertions (those belong to the benchmark)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -15,13 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "operator_bench.py"
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("rmjob_operator_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.append(str(BENCH.parent))  # the bench scripts are scripts, not a package
 
 
 @pytest.mark.cluster
@@ -46,21 +39,23 @@ def test_operator_bench_small_run(cluster, tmp_path):
     # The API server counted the operator's requests by kind: a create for every child render.py
     # gives such a job, none counted twice (a create retried after a timeout under load may add
     # a few), and reads and status writes for each job.
+    import operator_bench
     from rmjob_operator import render
 
     body = {"apiVersion": "rmjob.dev/v1alpha1", "kind": "RewardModelJob",
-            "metadata": {"name": "x", "namespace": "n", "uid": "u"}, "spec": _bench_module().SPEC}
+            "metadata": {"name": "x", "namespace": "n", "uid": "u"}, "spec": operator_bench.SPEC}
     children = len(render.render_children(body, "job", None))
     for part in (sequential, burst):
         per_job = part["requests_per_job"]
         assert children <= per_job["operator_by_kind"]["child-creates"] < children + 1, per_job
         assert per_job["operator_by_kind"]["job-status-writes"] >= 1 and per_job["operator_by_kind"]["job-reads"] >= 1
-        assert per_job["operator_total"] == pytest.approx(sum(per_job["operator_by_kind"].values()))
         assert per_job["cluster_total"] > per_job["operator_total"]
 
     report = result_file.with_suffix(".md").read_text()
     assert f"| the workload (Job) created | {sequential['summary']['workload_s']['p50']:.3f} s |" in report
     assert "(b) 20 RewardModelJobs created at once" in report and "| errors | **0**" in report
+    assert f"Operator API requests per job: {sequential['requests_per_job']['operator_total']:.1f}." in report
+    assert f"| operator API requests per job | {burst['requests_per_job']['operator_total']:.1f} (" in report
     # Each line of the operator's log carries its level: how errors are told from the rest.
     log = Path(f"{result_file.with_suffix('')}.operator.log").read_text()
     assert re.search(r"\[INFO\s*\] .*Handler 'reconcile' succeeded", log), log[-2000:]

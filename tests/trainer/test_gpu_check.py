@@ -6,7 +6,6 @@ assertions (those belong to the GPU run)."""
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,13 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_check.py"
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("rmjob_gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.append(str(SCRIPT.parent))  # the bench scripts are scripts, not a package
+import gpu_check  # noqa: E402
 
 
 @pytest.mark.timeout(300)
@@ -36,14 +30,21 @@ def test_tiny_check_on_cpu(tmp_path):
     assert result["passed"] and all(result["checks"].values()), result["checks"]
     agreement = result["agreement"]
     assert agreement["pairs"] == 10 and set(agreement["rewards"]) == {
-        "fp32_padded", "bf16_padded", "bf16_padding_free", "bf16_prefix_shared"}
-    # bf16 really ran (its rewards differ from fp32's), and the packed variants are within tolerance.
-    assert 0 < agreement["bf16_padded_vs_fp32_max_diff"] <= agreement["tolerance"]
+        f"{precision}_{layout}" for precision in ("fp32", "bf16")
+        for layout in ("padded", "padding_free", "prefix_shared")}
+    # The fp32 comparison is the strict one: its tolerance is below what bf16 itself costs (so it
+    # sees what bf16's rounding hides), and the packed fp32 variants are within it.
+    assert max(agreement["max_diff_vs_fp32_padded"].values()) <= agreement["fp32_tolerance"] \
+        < agreement["bf16_padded_vs_fp32_max_diff"]
     tokens = agreement["tokens_computed"]
-    assert tokens["bf16_padded"] >= tokens["bf16_padding_free"] > tokens["bf16_prefix_shared"] > 0
-    # No flash-attn on the CPU: the packed variants run the trainer's per-sequence sdpa.
+    for precision in ("fp32", "bf16"):
+        assert tokens[f"{precision}_padded"] >= tokens[f"{precision}_padding_free"] \
+            > tokens[f"{precision}_prefix_shared"] > 0
+    # No flash-attn on the CPU: the packed variants run the trainer's per-sequence sdpa, and the
+    # report says so and why.
     assert result["attention"]["flash_attn_installed"] is False
-    assert agreement["attention_used"]["bf16_padding_free"] == "sdpa_varlen"
+    assert set(agreement["attention_used"].values()) == {"sdpa", "sdpa_varlen"}
+    assert result["attention"]["kernel"] == "sdpa (--device cpu: flash-attention needs CUDA)"
     assert result["data"]["prefix_sharing_saves"] > 0
 
     for name in ("rmjob_padding_free", "rmjob_prefix_shared", "trl"):
@@ -54,12 +55,59 @@ def test_tiny_check_on_cpu(tmp_path):
 
     report = result_file.with_suffix(".md").read_text()
     assert report.startswith("### GPU check, ")
+    assert "Attention: sdpa (--device cpu: flash-attention needs CUDA)." in report
+    shared = agreement["max_diff_vs_fp32_padded"]["fp32_prefix_shared"]
+    assert f"| fp32 prefix-shared | {shared:.1e} | {tokens['fp32_prefix_shared']} | sdpa_varlen |" in report
     padding_free = result["runs"]["rmjob_padding_free"]
     assert f"| rmjob padding-free | {padding_free['pairs_per_s']:.2f} | {padding_free['tokens_per_s']:.0f} |" in report
 
 
+@pytest.mark.timeout(300)
+def test_rejected_positions_restarting_at_zero_fail_the_fp32_agreement(tmp_path, monkeypatch):
+    """A prefix-sharing bug that bf16's rounding hides on the tiny model (review 11's mutant 2:
+    the rejected answer's positions restart at 0 instead of following the shared prefix, so
+    its rotary embedding is wrong): the fp32 comparison flags prefix sharing, and only it."""
+    import torch
+
+    from rmjob_trainer import prefix_sharing
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    args = gpu_check.parse_args(["--device", "cpu", "--tiny"])
+    model = gpu_check.build_model(args, tmp_path)
+    data = gpu_check.write_data(tmp_path / "data", 8, args.agreement_pairs + 8, args.max_length, args.seed)
+    collate_shared = prefix_sharing.collate_shared
+
+    def rejected_positions_from_zero(chosen, rejected):
+        batch = collate_shared(chosen, rejected)
+        positions = batch["position_ids"][0].clone()
+        for _, chosen_end, end, _ in batch["shared_pairs"]:
+            positions[chosen_end:end] = torch.arange(end - chosen_end)
+        return {**batch, "position_ids": positions[None]}
+
+    monkeypatch.setattr(prefix_sharing, "collate_shared", rejected_positions_from_zero)
+    agreement = gpu_check.agreement(args, model, data, None, flash_installed=False)
+    differences, tolerance = agreement["max_diff_vs_fp32_padded"], agreement["fp32_tolerance"]
+    assert differences["fp32_prefix_shared"] > tolerance >= differences["fp32_padding_free"], differences
+    assert agreement["fp32_rewards_agree"] is False
+
+
+@pytest.mark.parametrize("gpu, peak", [("NVIDIA H200", 989.4), ("NVIDIA H100 80GB HBM3", 989.4), (None, None)])
+def test_peak_of_a_known_gpu_or_none_on_the_cpu(gpu, peak):
+    args = gpu_check.parse_args([])
+    assert gpu_check.peak_tflops_of(args, {} if gpu is None else {"gpu": gpu}) == peak
+
+
+@pytest.mark.parametrize("gpu", ["NVIDIA H100 PCIe", "NVIDIA H200 NVL", "NVIDIA GH200 480GB", "NVIDIA H100 NVL"])
+def test_other_gpus_need_their_peak_given(gpu):
+    """Their names contain H100 or H200, their peaks are not the SXM parts'."""
+    with pytest.raises(gpu_check.CheckError) as error:
+        gpu_check.peak_tflops_of(gpu_check.parse_args([]), {"gpu": gpu})
+    assert str(error.value) == (f"GPU {gpu!r} has no known dense bf16 peak (known: NVIDIA H100 80GB HBM3, "
+                                "NVIDIA H200): pass --peak-tflops for its MFU")
+    assert gpu_check.peak_tflops_of(gpu_check.parse_args(["--peak-tflops", "756"]), {"gpu": gpu}) == 756
+
+
 def test_throughput_times_the_steps_after_the_warm_up_but_not_the_last():
-    gpu_check = _gpu_check()
     args = gpu_check.parse_args(["--steps", "5", "--warmup-steps", "1", "--batch-size", "4"])
     # step ends: step 1 (warm-up) at 10, steps 2-4 end at 11, 13, 16; the last (with its
     # evaluation) at 30: steps 2-4 timed, 12 pairs in 6 s
@@ -74,7 +122,6 @@ def test_throughput_times_the_steps_after_the_warm_up_but_not_the_last():
 def test_unmet_requirement_of_a_carried_package_is_named(monkeypatch):
     """A wheel carried without its dependencies to a machine whose pyarrow is too old: one line
     naming both, before anything runs."""
-    gpu_check = _gpu_check()
     real_version = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda name: "1.0.0" if name == "pyarrow" else real_version(name))

@@ -1,9 +1,10 @@
 """Which CPU attention layout prefix sharing uses: one SDPA call per pair with a block mask, or
-SDPA per segment, and the rule that picks one per pair. Times forward + backward of training
-steps on a synthetic dataset.
+SDPA per segment (the rejected suffix masked or causal), and the rule that picks one per pair.
+Times forward + backward of training steps on a synthetic dataset.
 
     python bench/prefix_attention.py [--dataset multi-turn] [--pairs 16] [--steps 8] [--threads 1]
     python bench/prefix_attention.py --dataset long-answers [--prompt-tokens 32] [--answer-tokens 1024]
+    python bench/prefix_attention.py --layouts unshared rule  # a subset: less CPU time
 
 ``long-answers``: random token ids, a short prompt and two long answers (every pair alike), the
 shape in which the block mask's masked ``R x C`` scores outweigh everything it saves.
@@ -15,8 +16,10 @@ Layouts (same rewards, checked before timing):
 * ``per-segment``: every pair ``[P C]`` with ``is_causal``, then ``R`` against the keys
   ``[P R]`` (gathered) with a causal mask aligned to the last key: no masked ``R x C`` scores,
   twice the calls;
+* ``per-segment-causal``: as ``per-segment``, but ``R``'s call is over the queries ``[P R]``
+  with ``is_causal``, ``P``'s rows dropped: the attention of unshared packing;
 * ``rule``: what rmjob_trainer.prefix_sharing ships: each pair's layout chosen by
-  ``prefix_sharing.block_mask_is_cheaper``.
+  ``prefix_sharing.block_mask_is_cheaper`` and ``prefix_sharing.causal_suffix_is_cheaper``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ def long_answers(n: int, prompt_tokens: int, answer_tokens: int, vocab_size: int
                               "input_ids_rejected": torch.cat([prompts, rejected], 1).tolist()})
 
 
+# layout: (shared, block_mask_is_cheaper, causal_suffix_is_cheaper), None: the shipped rule's
+LAYOUTS = {"unshared": (False, None, None), "block-mask": (True, True, False), "per-segment": (True, False, False),
+           "per-segment-causal": (True, False, True), "rule": (True, None, None)}
+
+
 def _load() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -57,6 +65,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=16, help="pairs per step (the benchmark's batch)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per layout")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+                   help="the layouts to time (each checked against unshared first)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -93,34 +103,41 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         return rewards.detach()
 
-    rule = prefix_sharing.block_mask_is_cheaper
-    layouts = {"unshared": (False, rule), "block-mask": (True, lambda *_: True),
-               "per-segment": (True, lambda *_: False), "rule": (True, rule)}
+    block_rule, causal_rule = prefix_sharing.block_mask_is_cheaper, prefix_sharing.causal_suffix_is_cheaper
+
+    def use(layout: str) -> bool:
+        """Sets the layout's choice functions; whether it shares prefixes."""
+        shared, block_mask, causal_suffix = LAYOUTS[layout]
+        prefix_sharing.block_mask_is_cheaper = block_rule if block_mask is None else lambda *_: block_mask
+        prefix_sharing.causal_suffix_is_cheaper = causal_rule if causal_suffix is None else lambda *_: causal_suffix
+        return shared
+
     reference = step(batches[0], False)
-    for name, (shared, choice) in layouts.items():
-        prefix_sharing.block_mask_is_cheaper = choice
-        torch.testing.assert_close(step(batches[0], shared), reference, rtol=0, atol=1e-5)
+    for name in args.layouts:
+        torch.testing.assert_close(step(batches[0], use(name)), reference, rtol=0, atol=1e-5)
     load_before = _load()
-    times = {name: [] for name in layouts}
-    cpu_times = {name: [] for name in layouts}  # this process's CPU seconds: less hit by the machine's load
+    times = {name: [] for name in args.layouts}
+    cpu_times = {name: [] for name in args.layouts}  # this process's CPU seconds: less hit by the machine's load
     for batch in batches:  # interleaved, so that load drifts hit every layout alike
-        for name, (shared, choice) in layouts.items():
-            prefix_sharing.block_mask_is_cheaper = choice
+        for name in args.layouts:
+            shared = use(name)
             start, cpu_start = time.perf_counter(), time.process_time()
             step(batch, shared)
             times[name].append(time.perf_counter() - start)
             cpu_times[name].append(time.process_time() - cpu_start)
-    prefix_sharing.block_mask_is_cheaper = rule
+    use("rule")
     shapes = [(shared, chosen_end - start - shared, end - chosen_end)
               for batch in batches
               for start, chosen_end, end, shared in prefix_sharing.collate_shared(
                   batch["input_ids_chosen"], batch["input_ids_rejected"])["shared_pairs"] if end > chosen_end]
-    block_pairs = sum(rule(*shape) for shape in shapes)
+    block_pairs = sum(block_rule(*shape) for shape in shapes)
+    causal_pairs = sum(not block_rule(p, c, r) and causal_rule(p, r) for p, c, r in shapes)
     for name, values in times.items():
-        print(f"{name:12s} median {1000 * statistics.median(values):7.1f} ms per step of {args.pairs} pairs, "
+        print(f"{name:18s} median {1000 * statistics.median(values):7.1f} ms per step of {args.pairs} pairs, "
               f"CPU {1000 * statistics.median(cpu_times[name]):7.1f} ms ({len(values)} steps)")
     print("median prefix, chosen and rejected suffix tokens:", *map(statistics.median, zip(*shapes)))
-    print(f"rule: block mask for {block_pairs} of {len(shapes)} pairs with a rejected suffix")
+    print(f"rule, of {len(shapes)} pairs with a rejected suffix: block mask for {block_pairs}, "
+          f"per segment with a causal suffix for {causal_pairs}, with a masked suffix for the rest")
     print(f"load average {load_before} at the start, {_load()} at the end")
 
 

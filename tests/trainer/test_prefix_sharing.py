@@ -10,8 +10,8 @@ import torch
 from rmjob_trainer.model import get_reward
 from rmjob_trainer.packing import VARLEN_SDPA, collate_packed, packed_rewards
 from rmjob_trainer import prefix_sharing
-from rmjob_trainer.prefix_sharing import (SdpaCall, block_mask_is_cheaper, collate_shared, sdpa_calls,
-                                          shared_prefix_attention, unshared)
+from rmjob_trainer.prefix_sharing import (SdpaCall, block_mask_is_cheaper, causal_suffix_is_cheaper, collate_shared,
+                                          sdpa_calls, shared_prefix_attention, unshared)
 
 from test_packing import FAMILIES, PAD, bt_grads, family_model, padded, tiny_model
 
@@ -40,13 +40,20 @@ def chosen_rejected(names=PAIRS) -> tuple[list[list[int]], list[list[int]]]:
     return [c for c, _ in pairs], [r for _, r in pairs]
 
 
-FORCED = {"block-mask": 10**12, "per-segment": -1}  # BLOCK_MASK_MAX_MASKED_SCORES that force one layout
+# (block_mask_is_cheaper, causal_suffix_is_cheaper) that force one layout
+FORCED = {"block-mask": (True, False), "per-segment": (False, False), "per-segment-causal": (False, True)}
+
+
+def force(monkeypatch, layout: str) -> None:
+    block_mask, causal_suffix = FORCED[layout]
+    monkeypatch.setattr(prefix_sharing, "block_mask_is_cheaper", lambda *_: block_mask)
+    monkeypatch.setattr(prefix_sharing, "causal_suffix_is_cheaper", lambda *_: causal_suffix)
 
 
 @pytest.fixture(params=list(FORCED))
 def every_pair(request, monkeypatch) -> str:
     """Every pair of a row in one CPU layout, whichever the rule would pick."""
-    monkeypatch.setattr(prefix_sharing, "BLOCK_MASK_MAX_MASKED_SCORES", FORCED[request.param])
+    force(monkeypatch, request.param)
     return request.param
 
 
@@ -64,8 +71,9 @@ def test_collate_shared_layout():
     assert batch["cu_seq_lens_k"].tolist() == [0, 4, 7, 8, 10, 11]
     assert batch["cu_seq_lens_q"].dtype == batch["cu_seq_lens_k"].dtype == torch.int32
     assert (batch["max_length_q"], batch["max_length_k"]) == (4, 4)
-    (start, end, keys, mask), identical, no_prefix = sdpa_calls(batch["shared_pairs"], torch.device("cpu"))
-    assert (start, end, keys) == (0, 5, None)  # short pairs: one call with a block mask each
+    (start, end, keys, mask, recomputed), identical, no_prefix = sdpa_calls(batch["shared_pairs"],
+                                                                              torch.device("cpu"))
+    assert (start, end, keys, recomputed) == (0, 5, None, 0)  # short pairs: one call with a block mask each
     assert mask.int().tolist() == [[1, 0, 0, 0, 0],
                                    [1, 1, 0, 0, 0],
                                    [1, 1, 1, 0, 0],
@@ -85,15 +93,20 @@ def test_collate_shared_layout():
         collate_shared([[1], [2]], [[1]])
 
 
-def test_per_segment_calls(monkeypatch):
-    monkeypatch.setattr(prefix_sharing, "BLOCK_MASK_MAX_MASKED_SCORES", -1)
+@pytest.mark.parametrize("layout", ["per-segment", "per-segment-causal"])
+def test_per_segment_calls(layout, monkeypatch):
+    force(monkeypatch, layout)
     batch = collate_shared([[1, 2, 3, 4], [5], [8, 9]], [[1, 2, 6, 7], [5], [7]])
     calls = sdpa_calls(batch["shared_pairs"], torch.device("cpu"))
     # pair 0: [1 2 3 4] causal, then [6 7] against the keys [1 2 6 7]; pair 1: no R; pair 2: no P
     assert [(c.start, c.end, None if c.keys is None else c.keys.tolist()) for c in calls] == \
            [(0, 4, None), (4, 6, [0, 1, 4, 5]), (6, 7, None), (7, 9, None), (9, 10, None)]
-    assert calls[1].mask.int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]  # causal, aligned to the last key
-    assert all(c.mask is None for c in calls if c is not calls[1])
+    if layout == "per-segment":
+        assert calls[1].mask.int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]  # causal, aligned to the last key
+        assert calls[1].recomputed == 0
+    else:  # the queries [1 2 6 7], causal; the rows of [1 2] dropped
+        assert calls[1].mask is None and calls[1].recomputed == 2
+    assert all(c.mask is None and c.recomputed == 0 for c in calls if c is not calls[1])
 
 
 def test_rule_picks_per_segment_for_long_answers_and_the_block_mask_for_short_pairs():
@@ -106,14 +119,34 @@ def test_rule_picks_per_segment_for_long_answers_and_the_block_mask_for_short_pa
     assert block_mask_is_cheaper(66, 56, 64)
 
 
+def test_long_answers_after_a_short_prompt_get_the_attention_of_unshared_packing():
+    """R's masked call against [P R] computes every score, where unshared packing's causal call
+    skips those above the diagonal: with 1,024-token answers after a 32-token prompt it made
+    sharing 12-17% slower than not sharing (docs/benchmarks.md). Such a pair's R is one causal
+    call over [P R], P's rows dropped; a long prefix with a shorter suffix keeps the masked call."""
+    assert causal_suffix_is_cheaper(32, 1024)
+    assert not causal_suffix_is_cheaper(2000, 40)
+    batch = collate_shared([list(range(1, 33)) + [1] * 1024], [list(range(1, 33)) + [2] * 1024])
+    chosen, rejected = sdpa_calls(batch["shared_pairs"], torch.device("cpu"))
+    assert chosen == SdpaCall(0, 1056, None, None)
+    assert (rejected.start, rejected.end, rejected.mask, rejected.recomputed) == (1056, 2080, None, 32)
+    assert rejected.keys.tolist() == [*range(32), *range(1056, 2080)]
+
+
 def test_the_rule_mixes_layouts_in_one_row_with_unshared_rewards_and_gradients():
     chosen, rejected = chosen_rejected()
-    chosen.append(PROMPT[:8] + _ids(200, 7))  # long answers after a short prompt: per segment
+    chosen.append(PROMPT[:8] + _ids(200, 7))  # long answers after a short prompt: a causal suffix
     rejected.append(PROMPT[:8] + _ids(180, 8))
+    long_prompt = _ids(200, 9)  # a long prompt, shorter answers: R's masked call
+    chosen.append(long_prompt + _ids(200, 10))
+    rejected.append(long_prompt + _ids(130, 11))
     batch = collate_shared(chosen, rejected)
     calls = sdpa_calls(batch["shared_pairs"], torch.device("cpu"))
-    gathered = [c for c in calls if c.keys is not None]
-    assert len(gathered) == 1 and gathered[0].start == batch["shared_pairs"][-1][1]
+    causal_suffix, masked_suffix = [c for c in calls if c.keys is not None]
+    assert causal_suffix.start == batch["shared_pairs"][-2][1] and causal_suffix.recomputed == 8
+    assert causal_suffix.mask is None
+    assert masked_suffix.start == batch["shared_pairs"][-1][1] and masked_suffix.recomputed == 0
+    assert masked_suffix.mask is not None
     assert sum(c.mask is not None and c.keys is None for c in calls) == 4  # the short pairs with R: block masks
     for family in ("llama", "mistral"):  # grouped-query heads; a window reaching into the prefix
         model = family_model(family)

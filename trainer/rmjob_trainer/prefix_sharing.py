@@ -22,9 +22,9 @@ The layout reaches every attention layer as the ``prefix_layout`` keyword argume
 recomputation under gradient checkpointing sees it too) of the ``sdpa_varlen`` attention
 (packing.py), which hands it to :func:`shared_prefix_attention`:
 
-* SDPA (CPU, and the GPU fallback), per pair one of two layouts, chosen by
-  :func:`block_mask_is_cheaper` from the pair's token counts (``p`` shared, ``c`` and ``r``
-  in the chosen and the rejected suffix):
+* SDPA (CPU, and the GPU fallback), per pair one of three layouts, chosen by
+  :func:`block_mask_is_cheaper` and :func:`causal_suffix_is_cheaper` from the pair's token
+  counts (``p`` shared, ``c`` and ``r`` in the chosen and the rejected suffix):
 
   - one call over ``[P C R]`` with a block mask: causal, except that ``R`` does not see ``C``
     (and a windowed layer's window, by position). SDPA with a mask computes every score,
@@ -33,6 +33,10 @@ recomputation under gradient checkpointing sees it too) of the ``sdpa_varlen`` a
     with a causal mask aligned to the last key: ``(p + c)**2 + r * (p + r)`` scores or fewer
     (a long causal call skips blocks of keys above the diagonal), at the price of a second
     call and a copy of ``P``'s and ``R``'s keys and values.
+  - per segment with a causal suffix: ``[P C]`` as above, then the queries ``[P R]`` against
+    the keys ``[P R]`` (both gathered) with ``is_causal``, ``P``'s rows of the output dropped:
+    the attention unshared packing computes for the rejected sequence, ``P``'s rows included,
+    while ``P``'s other work (embeddings, projections, MLPs) stays shared.
 
   The difference is the scores the block mask computes in vain, ``r * (p + 2c)``: ``R x C``
   and, above the diagonal, ``[P C] x R``. Both layouts compute ``P`` once, so the work sharing
@@ -43,11 +47,14 @@ recomputation under gradient checkpointing sees it too) of the ``sdpa_varlen`` a
   single-turn data's median pairs: 18k and 11k), the two were equal within 1% at 80k, per
   segment took 6% less at 139k and 1.7x less at 2.1M (1,024-token answers after a 32-token
   prompt). The crossover is that of a small model on CPU; near it the choice costs a few
-  percent either way. With very long answers after a short prompt even per segment took
-  12-17% more time than unshared packing: ``R``'s masked call computes all ``r * (p + r)``
-  scores where the unshared causal call skips blocks above the diagonal, and a 32-token ``P``
-  saves little. The masks and gathered key indices
-  are built once per forward pass, on the batch's device, for all layers.
+  percent either way. Past it, ``R``'s masked call computes all ``r * (p + r)`` scores, where
+  a causal call over ``[P R]`` computes about ``(p + r)**2 / 2`` (SDPA's CPU kernel skips
+  blocks of keys above the diagonal) and recomputes ``P``'s ``p`` rows: the causal suffix is
+  cheaper while ``p < r``. With ``R``'s masked call, 1,024-token answers after a 32-token prompt
+  took 12-17% more time than unshared packing (the prefix saves little); with the causal suffix
+  no pair's attention costs more than unshared packing's, and ``P``'s other work is still done
+  once (docs/benchmarks.md). The masks and gathered key indices are built once per forward
+  pass, on the batch's device, for all layers.
 * flash-attention varlen (CUDA, fp16/bf16, flash-attn >= 2.1 installed): keys and values
   gathered into ``[P C] [P R]`` per pair (a copy of ``P``'s keys, not a recomputation) and one
   varlen call with ``causal=True``, which flash-attention aligns to the last key when a
@@ -87,12 +94,14 @@ BLOCK_MASK_MAX_MASKED_SCORES = 65536
 class SdpaCall(NamedTuple):
     """One SDPA call over the shared row: the queries ``row[start:end]`` against the keys and
     values ``row[keys]`` (None: the queries' own tokens), ``mask`` ``[queries, keys]`` (None:
-    causal)."""
+    causal). ``recomputed`` > 0: the queries are ``row[keys]`` as well, so that the call can be
+    causal, and the output's first ``recomputed`` rows (``P``'s, computed again) are dropped."""
 
     start: int
     end: int
     keys: torch.Tensor | None
     mask: torch.Tensor | None
+    recomputed: int = 0
 
 
 class PrefixLayout(NamedTuple):
@@ -223,10 +232,19 @@ def block_mask_is_cheaper(shared: int, chosen_suffix: int, rejected_suffix: int)
     return rejected_suffix * (shared + 2 * chosen_suffix) <= BLOCK_MASK_MAX_MASKED_SCORES
 
 
+def causal_suffix_is_cheaper(shared: int, rejected_suffix: int) -> bool:
+    """Whether ``R``'s call over the queries ``[P R]`` with ``is_causal`` (about
+    ``(p + r)**2 / 2`` scores, ``P``'s rows computed again) beats its masked call against the keys
+    ``[P R]`` (all ``r * (p + r)`` scores): yes while the prefix is shorter than the suffix."""
+    return shared < rejected_suffix
+
+
 def sdpa_calls(pairs: list[tuple[int, int, int, int]], device: torch.device) -> list[SdpaCall]:
     """The SDPA calls of a shared row, each pair's by :func:`block_mask_is_cheaper`: one over
-    ``[P C R]`` whose mask hides ``C`` from ``R``, or ``[P C]`` (causal), then ``R`` against the
-    keys ``[P R]`` (causal, aligned to the last key). A pair without ``R`` is one causal call."""
+    ``[P C R]`` whose mask hides ``C`` from ``R``, or ``[P C]`` (causal), then by
+    :func:`causal_suffix_is_cheaper` ``R`` against the keys ``[P R]`` (causal, aligned to the
+    last key) or the queries ``[P R]`` against them (causal, ``P``'s rows dropped). A pair
+    without ``R`` is one causal call."""
     calls: list[SdpaCall] = []
     for start, chosen_end, end, shared in pairs:
         chosen_suffix, rejected_suffix = chosen_end - start - shared, end - chosen_end
@@ -242,9 +260,13 @@ def sdpa_calls(pairs: list[tuple[int, int, int, int]], device: torch.device) -> 
         else:
             keys = torch.cat([torch.arange(start, start + shared, device=device),
                               torch.arange(chosen_end, end, device=device)])
-            queries = torch.arange(shared, shared + rejected_suffix, device=device)
-            mask = queries[:, None] >= torch.arange(shared + rejected_suffix, device=device)[None, :]
-            calls += [SdpaCall(start, chosen_end, None, None), SdpaCall(chosen_end, end, keys, mask)]
+            calls.append(SdpaCall(start, chosen_end, None, None))
+            if causal_suffix_is_cheaper(shared, rejected_suffix):
+                calls.append(SdpaCall(chosen_end, end, keys, None, shared))
+            else:
+                queries = torch.arange(shared, shared + rejected_suffix, device=device)
+                mask = queries[:, None] >= torch.arange(shared + rejected_suffix, device=device)[None, :]
+                calls.append(SdpaCall(chosen_end, end, keys, mask))
     return calls
 
 
@@ -286,19 +308,21 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     if _use_flash(layout, query):
         return _flash_attention(query, key, value, layout, sliding_window, **kwargs), None
     outputs = []
-    for start, end, keys, mask in layout.sdpa:
+    for start, end, keys, mask, recomputed in layout.sdpa:
         key_rows = slice(start, end) if keys is None else keys
+        query_rows = keys if recomputed else slice(start, end)
         if sliding_window is not None:
-            distance = layout.positions[start:end, None] - layout.positions[key_rows][None, :]
+            distance = layout.positions[query_rows, None] - layout.positions[key_rows][None, :]
             window = distance < sliding_window
             mask = window & (torch.ones_like(window).tril() if mask is None else mask)
         if keys is None:
             call_keys, call_values = key[:, :, start:end], value[:, :, start:end]
         else:
             call_keys, call_values = key.index_select(2, keys), value.index_select(2, keys)
-        output, _ = sdpa_attention_forward(module, query[:, :, start:end], call_keys, call_values,
+        call_queries = query.index_select(2, keys) if recomputed else query[:, :, start:end]
+        output, _ = sdpa_attention_forward(module, call_queries, call_keys, call_values,
                                            None if mask is None else mask[None, None], **kwargs)
-        outputs.append(output)
+        outputs.append(output[:, recomputed:])
     return torch.cat(outputs, 1), None
 
 

@@ -546,7 +546,7 @@ def markdown(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     from operator_harness import CRD_MANIFEST, OperatorIdentity, OperatorProcess
-    from rmj import wait_established
+    from rmj import wait_established, wait_until
 
     cluster = local_cluster.Cluster()
     missing = [name for name in local_cluster.BINARIES if not os.access(cluster.bin / name, os.X_OK)]
@@ -561,6 +561,11 @@ def run(args: argparse.Namespace) -> dict:
         api = Api(cluster)
         kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=rmjob-bench", "-f", str(CRD_MANIFEST))
         wait_established(kubectl, "rewardmodeljobs.rmjob.dev")
+        # The API server builds a custom resource's storage on the first request for it and answers
+        # 429 "storage is (re)initializing" until its cache is filled: on a fresh control plane that
+        # was the watches' first list, which does not retry.
+        wait_until(lambda: api.request("GET", f"{RMJ_PATH}/rewardmodeljobs?limit=1")[0] == 200, 60,
+                   "rewardmodeljobs to be served")
         namespace = f"bench-{uuid.uuid4().hex[:8]}"
         kubectl("create", "namespace", namespace)
         cleanup.append(lambda: kubectl("delete", "namespace", namespace, "--wait=false", check=False))

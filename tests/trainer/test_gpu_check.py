@@ -107,6 +107,16 @@ def test_other_gpus_need_their_peak_given(gpu):
     assert gpu_check.peak_tflops_of(gpu_check.parse_args(["--peak-tflops", "756"]), {"gpu": gpu}) == 756
 
 
+def test_the_report_says_why_flash_attention_did_not_run(monkeypatch):
+    """The H200 image has no flash_attn: the check then runs sdpa on CUDA, and says so."""
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
+    assert gpu_check.attention_kernel("cuda", flash_installed=False) == "sdpa (flash_attn not installed)"
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: object())
+    assert gpu_check.attention_kernel("cuda", flash_installed=False).startswith(
+        "sdpa (flash_attn installed, but transformers cannot use it")
+    assert gpu_check.attention_kernel("cuda", flash_installed=True) == "flash_attention_2 (flash_attn installed)"
+
+
 def test_throughput_times_the_steps_after_the_warm_up_but_not_the_last():
     args = gpu_check.parse_args(["--steps", "5", "--warmup-steps", "1", "--batch-size", "4"])
     # step ends: step 1 (warm-up) at 10, steps 2-4 end at 11, 13, 16; the last (with its

@@ -177,7 +177,7 @@ def _quantity_type(pattern: str, expected: str, minimum: int | None = None) -> A
     def validate(value: Any) -> int | str:
         if isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum):
             return value
-        if isinstance(value, str) and re.match(pattern, value):
+        if isinstance(value, str) and re.fullmatch(pattern, value):  # `$` alone passes a final "\n"
             return value
         raise ValueError(f"expected {expected}, got {value!r}")
 
@@ -927,7 +927,7 @@ def check_existing_claim(spec: RewardModelJobSpec, claim: dict[str, Any] | None)
 
 def check_name(name: str) -> None:
     """Job names become Service and pod host names; raises :class:`InvalidSpec`."""
-    if len(name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, name):
+    if len(name) > MAX_NAME_LENGTH or not re.fullmatch(NAME_PATTERN, name):
         raise InvalidSpec("metadata.name", NAME_MESSAGE)
 
 

@@ -18,8 +18,10 @@ from typing import Any
 
 import celpy
 import jsonschema
+import re2
 import yaml
 from celpy import celtypes
+from jsonschema import ValidationError
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "manifests" / "crd.yaml"
@@ -66,8 +68,18 @@ def _strict(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _re2_pattern(validator, pattern: str, instance: Any, schema: dict[str, Any]) -> Iterator[ValidationError]:
+    """The API server matches `pattern` with Go's regexp (RE2), as CEL's matches() does: its
+    `$` is the end of the text, where Python's also matches before a final line break."""
+    if validator.is_type(instance, "string") and not re2.search(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_KubeValidator = jsonschema.validators.extend(jsonschema.Draft4Validator, {"pattern": _re2_pattern})
+
+
 def schema_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:
-    validator = jsonschema.Draft4Validator(_strict(schema))
+    validator = _KubeValidator(_strict(schema))
     return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(obj)]
 
 

@@ -224,7 +224,7 @@ def test_shipped_examples_are_valid(schema, job):
     parse_spec(job["spec"])
 
 
-@pytest.mark.parametrize("name", ["RM-Job", "rm_job", "1rm", "rm-", "r" * 49])
+@pytest.mark.parametrize("name", ["RM-Job", "rm_job", "1rm", "rm-", "r" * 49, "rm-job\n"])
 def test_names_that_cannot_name_a_service_are_rejected(schema, name):
     assert admission_errors(schema, resource(MINIMAL, name))
     with pytest.raises(InvalidSpec, match="metadata.name"):

@@ -160,6 +160,9 @@ INVALID_STORAGE = {
     "subPath climbing out of the claim": (with_changes(MINIMAL, storage={"existingClaim": "a", "subPath": "a/../.."}),
                                          "spec.storage.subPath"),
     "size not a quantity": (with_changes(MINIMAL, storage={"size": "lots"}), "spec.storage.size"),
+    "size with a line break after it": (with_changes(MINIMAL, storage={"size": "1Gi\n"}), "spec.storage.size"),
+    "storage class with a line break after it": (
+        with_changes(MINIMAL, storage={"size": "1Gi", "storageClassName": "fast\n"}), "spec.storage.storageClassName"),
     # The API server refuses the claim ("must be greater than zero") only once the job runs.
     "zero size": (with_changes(MINIMAL, storage={"size": "0Gi"}), "spec.storage.size"),
     "zero size as a number": (with_changes(MINIMAL, storage={"size": 0}), "spec.storage.size"),

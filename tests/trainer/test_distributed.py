@@ -199,9 +199,9 @@ def _exits(args: list[str], output_dir: Path) -> str | None:
 def _last_words(log: str) -> str:
     """What the ranks printed before torchrun's failure summary (a rank's abort message comes
     there; the summary itself only names the signal), without the deprecation noise."""
-    before, _, summary = log.partition("failed (exitcode")
+    before, marker, summary = log.partition("failed (exitcode")
     lines = [line for line in before.splitlines() if "FutureWarning" not in line and "return func(" not in line]
-    return "\n".join(lines[-40:]) + "\n[torchrun] failed (exitcode" + summary[:300]
+    return "\n".join(lines[-40:]) + (f"\n[torchrun] {marker}{summary[:300]}" if marker else "")
 
 
 DDP_WRAPPER_LIFETIME = """

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,57 @@ def test_cli_with_tracking_logs_the_run(offline_wandb, tmp_path, tiny_model_dir,
     assert any("token_length" in key and value == "image-file"
                for key, value in logged.items() if key.endswith("/_type")), sorted(logged)
     assert run.history[-1]["eval/rm/accuracy"] == pytest.approx(metrics["eval/rm/accuracy"])
+
+
+OPEN_RUN_AT_EXIT = """
+import rmjob_trainer.cli as cli
+from rmjob_trainer.preemption import Preempted
+from rmjob_trainer.tracking import start_run
+from rmjob_trainer.config import RewardConfig
+
+def preempted_training():
+    tracker = start_run(RewardConfig(model_name_or_path="m", with_tracking=True), "open_at_exit")
+    for step in range(1, 4):
+        tracker.log({"train/rm/loss": 1.0 / step}, step=step)
+    raise Preempted(3)  # a path that leaves without finishing the run
+
+cli.main = preempted_training
+cli.run()
+"""
+
+
+def test_a_run_left_open_reaches_its_files_when_the_process_leaves(offline_wandb, tmp_path):
+    """The process entry skips the interpreter's teardown (cli.run), whose atexit hooks would
+    have finished the W&B run and removed W&B's temporary folders."""
+    (tmp_path / "tmp").mkdir()
+    result = subprocess.run([sys.executable, "-c", OPEN_RUN_AT_EXIT], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    assert result.returncode == 200, result.stderr[-3000:]
+    run = read_run(offline_wandb)
+    assert [row["train/rm/loss"] for row in run.history] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_preempted_run_finishes_its_w_and_b_run_as_preempted(offline_wandb, tiny_model_dir, bundled_dataset_dir,
+                                                                tmp_path, monkeypatch):
+    """Its steps so far are in the W&B run, which ends with the exit status the pod ends with."""
+    import signal
+
+    from test_preemption import _sigterm_during_step
+    from test_resume import _config
+
+    from rmjob_trainer import train as train_module
+    from rmjob_trainer.preemption import EXIT_PREEMPTED, Preempted
+
+    action = signal.getsignal(signal.SIGTERM)
+    cfg = _config(tiny_model_dir, bundled_dataset_dir, tmp_path / "out", num_evals=2, checkpointing_steps=None)
+    monkeypatch.setattr(train_module.DataOrder, "micro_batch", _sigterm_during_step(3))
+    try:
+        with pytest.raises(Preempted):
+            train_module.train(dataclasses_replace(cfg, with_tracking=True))
+    finally:
+        signal.signal(signal.SIGTERM, action)
+    (path,) = offline_wandb.glob("wandb/offline-run-*/run-*.wandb")
+    records = _complete_records(path, timeout=5)
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [EXIT_PREEMPTED]
+    assert len(read_run(offline_wandb).history) == 3

@@ -69,13 +69,14 @@ class Tracker:
             if url not in notes:
                 self._run.notes = f"{notes}\n{url}".strip()
 
-    def finish(self) -> None:
-        """Close the run; media logged after the last step join that step."""
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the run (W&B marks one with a nonzero ``exit_code`` failed); media logged after
+        the last step join that step."""
         if self._run is not None:
             if self._pending:
                 self._run.log(self._pending)
                 self._pending.clear()
-            self._run.finish()
+            self._run.finish(exit_code=exit_code)
 
 
 def start_run(cfg: RewardConfig, run_name: str) -> Tracker:

@@ -564,6 +564,8 @@ def _train(cfg: RewardConfig, sigterm: SigtermWatch) -> dict:
     def leave_preempted(checkpointed: int | None) -> None:
         engine.close()
         leave_distributed()
+        if run_log is not None:  # the W&B run's history, up to this step, reaches its files
+            run_log.tracker.finish(exit_code=EXIT_PREEMPTED)
         if d.is_main:
             saved = f"checkpoint step_{checkpointed} written" if checkpointed else "no step taken: nothing to save"
             print(f"SIGTERM: stopped ({saved}); exit status {EXIT_PREEMPTED}: the same command resumes the run",

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from test_distributed import DS_CONFIGS, _flags
+from test_preflight import USER_ENV, Workspace
 from test_resume import ENV, _command, _config
 
 from rmjob_trainer.preemption import EXIT_PREEMPTED, Preempted
@@ -216,6 +217,26 @@ def test_rmjob_torchrun_exit_status(scenario, status, tmp_path):
             for process in psutil.Process(agent.pid).children(recursive=True):
                 process.kill()
             agent.kill()
+
+
+@pytest.mark.slow
+def test_rmjob_torchrun_user_error_is_the_ranks_line_and_status_2(tmp_path, tiny_model_dir, bundled_dataset_dir):
+    """torchrun follows the ranks' one-line error with its traceback and failure summary and
+    exits 1; rmjob-torchrun adds nothing to the line and keeps its status 2."""
+    ws = Workspace(tmp_path, tiny_model_dir, bundled_dataset_dir)
+    line = (f"error: --model_name_or_path: no such directory: {tmp_path / 'typo'}; check the path (a Hub model id "
+            "looks like org/name)")
+    env = {k: v for k, v in os.environ.items() if k not in USER_ENV}
+    result = subprocess.run([*RMJOB_TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "rmjob_trainer",
+                             *ws.base(model_name_or_path=str(tmp_path / "typo"))],
+                            capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+                            timeout=RUN_TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert output.count(line) == 2, output
+    assert "Traceback" not in output and "ChildFailedError" not in output, output
+    assert output.replace(line, "").strip() == "", output  # nor torchrun's log of the failure
+    assert not ws.out.exists()
 
 
 SLOW_STOP_RANK_SCRIPT = """

@@ -14,14 +14,17 @@ signal at all. So:
   :data:`EXIT_PREEMPTED` (:class:`Preempted`, a ``SystemExit``);
 * ``rmjob-torchrun`` (:func:`torchrun`) is torchrun whose own exit status is
   :data:`EXIT_PREEMPTED` too, where torchrun's would be 1 (a failed child, or the agent's own
-  SIGTERM), which retry policies read as the trainer's error; and which gives its ranks
-  :data:`SHUTDOWN_TIMEOUT_S` after SIGTERM instead of torchrun's 30 s.
+  SIGTERM), which retry policies read as the trainer's error; which gives its ranks
+  :data:`SHUTDOWN_TIMEOUT_S` after SIGTERM instead of torchrun's 30 s; and which leaves a
+  first-run mistake at the ranks' one ``error:`` line and status 2, without torchrun's
+  traceback and failure summary.
 
 The retried pod reruns the same command, which resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -87,6 +90,9 @@ def torchrun(argv: list[str] | None = None) -> int:
     * this agent got SIGTERM (the pod is being stopped): torchrun forwarded it to the ranks
       and waited for them (up to ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` s, which should match the
       pod's ``terminationGracePeriodSeconds``); torchrun itself would exit 1;
+    * every failed rank exited with the user-error status 2 (a first-run mistake, one
+      ``error:`` line that every rank printed): rmjob-torchrun exits 2 too and prints nothing
+      more, where torchrun adds its traceback and failure summary and exits 1;
     * a rank exited with :data:`EXIT_PREEMPTED` (another node was preempted and these ranks
       stopped with it), and every other rank that failed did too or was ended by torchrun
       itself (SIGTERM, then SIGKILL, to the ranks still running once one has exited);
@@ -105,6 +111,8 @@ def torchrun(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    from rmjob_trainer.cli import EXIT_USER_ERROR
+
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     # Installed by torchrun (by this name) when it starts its ranks.
     terminate = processes._terminate_process_handler
@@ -117,6 +125,9 @@ def torchrun(argv: list[str] | None = None) -> int:
         exit_barrier(agent)
 
     SimpleElasticAgent._exit_barrier = exit_barrier_after_success
+    quiet = _UserErrorLogFilter(EXIT_USER_ERROR)
+    for name in _FAILURE_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         torchrun_main(argv)
     except SignalException as e:
@@ -131,6 +142,10 @@ def torchrun(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     except ChildFailedError as e:
         exit_codes = {failure.exitcode for failure in e.failures.values()}
+        if exit_codes == {EXIT_USER_ERROR}:
+            # Every rank printed the same one-line error (preflight.agree); torchrun's summary
+            # would bury it under a traceback.
+            return EXIT_USER_ERROR
         if EXIT_PREEMPTED not in exit_codes or not exit_codes <= {EXIT_PREEMPTED, *_ENDED_BY_TORCHRUN}:
             raise
         print(f"rmjob-torchrun: ranks stopped for a preemption; exit status {EXIT_PREEMPTED} (retryable)",
@@ -139,7 +154,33 @@ def torchrun(argv: list[str] | None = None) -> int:
     finally:
         processes._terminate_process_handler = terminate
         SimpleElasticAgent._exit_barrier = exit_barrier
+        for name in _FAILURE_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
     return 0
+
+
+# Where torchrun logs a failed worker group, before raising ChildFailedError: the first failure's
+# exit status, then (its @record wrapper) the error file it has no parent file to copy into.
+_FAILURE_LOGGERS = ("torch.distributed.elastic.multiprocessing.api",
+                    "torch.distributed.elastic.multiprocessing.errors.error_handler")
+
+
+class _UserErrorLogFilter(logging.Filter):
+    """Drops torchrun's two log lines about a first failure with the user-error status: that
+    rank printed its own line. Any other failure's lines stay."""
+
+    def __init__(self, user_error_status: int) -> None:
+        super().__init__()
+        self.user_error_status = user_error_status
+        self.first_failure_was_user_error = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg.startswith("failed (exitcode: "):
+            self.first_failure_was_user_error = record.args[0] == self.user_error_status
+            return not self.first_failure_was_user_error
+        if record.msg.startswith("no error file defined for parent"):
+            return not self.first_failure_was_user_error
+        return True
 
 
 def _first_signal_only(handler):

@@ -308,7 +308,8 @@ def test_a_good_run_states_its_plan_first(tmp_path, tiny_model_dir, bundled_data
     assert result.returncode == 0, result.stderr[-3000:]
     first = result.stdout.splitlines()[0]
     assert first == (f"plan: single cpu process, fp32; 4 pairs per step (2 per device x 2 accumulation x 1 "
-                     f"process(es)), 2 steps (8 pairs); padding-free batches; output {ws.out}, checkpoints every "
+                     f"process(es)), 2 steps (8 pairs); padding-free batches, shared prompts computed once; output "
+                     f"{ws.out}, checkpoints every "
                      f"1 steps in {ws.out / 'checkpoints'} (keep 2); no tracking; no Hub push")
     assert (ws.out / "metrics.json").is_file() and "rmjob_trainer.data" in imported
 
@@ -326,6 +327,31 @@ def test_plan_names_deepspeed_stage_offload_world_size_tracking_and_hub(tmp_path
         "(4 per device x 2 accumulation x 8 process(es)), 15 steps (1000 pairs); padded batches; "
         f"output {tmp_path / 'rm'}, no checkpoints; W&B team/open_instruct_internal (offline); "
         "Hub push to org/reward_modeling__EleutherAI_pythia-1b-deduped branch <run name> (public)")
+
+
+@pytest.mark.parametrize("padding_free, prefix_sharing, batches", [
+    (True, True, "padding-free batches, shared prompts computed once"),
+    (True, False, "padding-free batches"),
+    (False, True, "padded batches"),  # prefix sharing works in padding-free batches only
+])
+def test_plan_says_whether_shared_prompts_are_computed_once(padding_free, prefix_sharing, batches, tmp_path):
+    cfg = RewardConfig(model_name_or_path="m", dataset_mixer={"d": 1.0}, padding_free=padding_free,
+                       prefix_sharing=prefix_sharing, output_dir=str(tmp_path))
+    assert f"; {batches}; output {tmp_path}," in plan(cfg, {})
+
+
+def test_plan_reads_the_wandb_mode_where_wandb_does(tmp_path, monkeypatch):
+    """`wandb offline` writes the mode into ./wandb/settings; WANDB_MODE still wins over it."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "settings").write_text("[default]\nmode = offline\n")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = RewardConfig(model_name_or_path="m", dataset_mixer={"d": 1.0}, with_tracking=True,
+                       output_dir=str(tmp_path / "out"))
+    check_tracking(cfg, {})  # offline: no credentials needed, as the plan must then say
+    assert "; W&B open_instruct_internal (offline); " in plan(cfg, {})
+    assert "; W&B open_instruct_internal (online); " in plan(cfg, {"WANDB_MODE": "online"})
 
 
 @pytest.mark.parametrize("world_size, deepspeed, engine", [

@@ -260,6 +260,14 @@ def _wandb_settings(environ: Mapping[str, str], cwd: Path | None = None) -> dict
     return merged
 
 
+def wandb_mode(environ: Mapping[str, str], settings: Mapping[str, str] | None = None) -> str:
+    """The mode wandb will run in: WANDB_MODE over the settings files' (``wandb offline``
+    writes ``mode = offline`` in ``./wandb/settings``), else online."""
+    if settings is None:
+        settings = _wandb_settings(environ)
+    return environ.get("WANDB_MODE") or settings.get("mode", "online")
+
+
 def _netrc_key(host: str, environ: Mapping[str, str]) -> str | None:
     path = environ.get("NETRC") or os.path.expanduser("~/.netrc")
     try:
@@ -287,7 +295,7 @@ def check_tracking(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -
     if not cfg.with_tracking:
         return
     settings = _wandb_settings(environ)
-    mode = environ.get("WANDB_MODE") or settings.get("mode", "online")
+    mode = wandb_mode(environ, settings)
     if mode not in WANDB_MODES:
         where = "WANDB_MODE" if environ.get("WANDB_MODE") else "mode in the W&B settings file"
         raise ConfigError(f"--with_tracking: {where}={mode!r} is not a W&B mode; use online, offline or disabled")
@@ -515,7 +523,7 @@ def plan(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> str:
     tracking = "no tracking"
     if cfg.with_tracking:
         where = "/".join(filter(None, (cfg.wandb_entity, cfg.wandb_project_name)))
-        tracking = f"W&B {where} ({environ.get('WANDB_MODE', 'online')})"
+        tracking = f"W&B {where} ({wandb_mode(environ)})"
     hub = "no Hub push"
     if cfg.push_to_hub:
         entity = cfg.hf_entity or "<HF_TOKEN's user>"
@@ -525,5 +533,11 @@ def plan(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -> str:
     return (f"plan: {engine}, {precision_name}; "
             f"{batch_size} pairs per step ({cfg.per_device_train_batch_size} per device x "
             f"{cfg.gradient_accumulation_steps} accumulation x {world_size} process(es)), {steps}; "
-            f"{'padding-free' if cfg.padding_free else 'padded'} batches; output {output_dir}, {checkpoints}; "
+            f"{_batches(cfg)}; output {output_dir}, {checkpoints}; "
             f"{tracking}; {hub}")
+
+
+def _batches(cfg: RewardConfig) -> str:
+    if not cfg.padding_free:
+        return "padded batches"  # prefix sharing needs padding-free batches
+    return "padding-free batches, shared prompts computed once" if cfg.prefix_sharing else "padding-free batches"

@@ -618,8 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    # operator_harness's helm_template reports through pytest.fail (outside Exception's tree)
-    except (BenchError, local_cluster.ClusterError, pytest.fail.Exception) as error:
+    # operator_harness's helm_template reports through pytest.fail (outside Exception's tree), and
+    # rmj's waits (a CRD not established, rewardmodeljobs not served) through AssertionError
+    except (BenchError, local_cluster.ClusterError, pytest.fail.Exception, AssertionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)

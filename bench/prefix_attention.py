@@ -6,8 +6,11 @@ Times forward + backward of training steps on a synthetic dataset.
     python bench/prefix_attention.py --dataset long-answers [--prompt-tokens 32] [--answer-tokens 1024]
     python bench/prefix_attention.py --layouts unshared rule  # a subset: less CPU time
 
-``long-answers``: random token ids, a short prompt and two long answers (every pair alike), the
-shape in which the block mask's masked ``R x C`` scores outweigh everything it saves.
+``long-answers``: random token ids, a prompt and two answers (every pair alike). A short prompt
+with long answers is the shape in which the block mask's masked ``R x C`` scores outweigh
+everything it saves; a long prompt with short answers (``--prompt-tokens 2000 --answer-tokens
+40``) the one in which the per-segment ``[P C]`` call's ``is_causal`` (about half its scores
+skipped) does.
 
 Layouts (same rewards, checked before timing):
 * ``unshared``: padding-free packing, each sequence its own SDPA call (prefix computed twice);

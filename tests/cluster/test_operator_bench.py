@@ -70,3 +70,16 @@ def test_bad_arguments_are_one_line(args, message):
     run = subprocess.run([sys.executable, str(BENCH), *args], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr.splitlines() == [message]
+
+
+def test_a_wait_that_times_out_is_one_line(monkeypatch, capsys, tmp_path):
+    """rmj's waits (the CRD established, rewardmodeljobs served) fail with AssertionError."""
+    import operator_bench
+
+    def timed_out(args):
+        raise AssertionError("timed out after 60s waiting for rewardmodeljobs to be served")
+
+    monkeypatch.setattr(operator_bench, "run", timed_out)
+    assert operator_bench.main(["--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.splitlines() == ["error: timed out after 60s waiting for rewardmodeljobs to be served"]
+    assert not list(tmp_path.iterdir())

@@ -119,6 +119,43 @@ def test_rule_picks_per_segment_for_long_answers_and_the_block_mask_for_short_pa
     assert block_mask_is_cheaper(66, 56, 64)
 
 
+def test_rule_picks_per_segment_for_a_long_prefix_with_short_answers():
+    """The block mask computes all (p + c + r)**2 scores, the per-segment [P C] call about half of
+    its own: with a long prefix that half outweighs R x C (docs/benchmarks.md, per segment up to
+    1.9x faster at 2,000/16/16)."""
+    assert not block_mask_is_cheaper(2000, 16, 16)
+    assert not block_mask_is_cheaper(1000, 32, 32)
+    assert not block_mask_is_cheaper(4000, 8, 8)
+
+
+def test_a_windowed_layer_runs_only_the_rejected_suffix_queries(monkeypatch):
+    """On a windowed layer every SDPA call carries a mask, so a causal suffix would compute all
+    (p + r)**2 scores, P's rows for nothing: R's queries go alone there. Gemma 3 mixes windowed
+    and global layers: the global ones keep the causal suffix."""
+    calls = []
+
+    def spy(module, query, key, value, mask, **kwargs):
+        calls.append((module.sliding_window, query.shape[2], key.shape[2], mask is None))
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    monkeypatch.setattr(prefix_sharing, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(prefix_sharing, "block_mask_is_cheaper", lambda *_: False)  # short, for a tiny model
+    model = family_model("gemma3_text")
+    chosen, rejected = [PROMPT[:4] + _ids(12, 12)], [PROMPT[:4] + _ids(10, 13)]  # p < r: a causal suffix
+    batch = collate_shared(chosen, rejected)
+    assert [c.recomputed for c in sdpa_calls(batch["shared_pairs"], torch.device("cpu"))] == [0, 4]
+    with torch.no_grad():
+        shared = packed_rewards(model, batch)
+        unshared_rewards = packed_rewards(model, collate_packed(chosen + rejected))
+    torch.testing.assert_close(shared, unshared_rewards, rtol=0, atol=ATOL)
+    windowed = [(queries, keys, unmasked) for window, queries, keys, unmasked in calls if window]
+    full = [(queries, keys, unmasked) for window, queries, keys, unmasked in calls if not window]
+    assert windowed == [(16, 16, False), (10, 14, False)] * 2  # two windowed layers
+    assert full == [(16, 16, True), (14, 14, True)]
+
+
 def test_long_answers_after_a_short_prompt_get_the_attention_of_unshared_packing():
     """R's masked call against [P R] computes every score, where unshared packing's causal call
     skips those above the diagonal: with 1,024-token answers after a 32-token prompt it made
@@ -135,8 +172,8 @@ def test_long_answers_after_a_short_prompt_get_the_attention_of_unshared_packing
 
 def test_the_rule_mixes_layouts_in_one_row_with_unshared_rewards_and_gradients():
     chosen, rejected = chosen_rejected()
-    chosen.append(PROMPT[:8] + _ids(200, 7))  # long answers after a short prompt: a causal suffix
-    rejected.append(PROMPT[:8] + _ids(180, 8))
+    chosen.append(PROMPT[:8] + _ids(300, 7))  # long answers after a short prompt: a causal suffix
+    rejected.append(PROMPT[:8] + _ids(280, 8))
     long_prompt = _ids(200, 9)  # a long prompt, shorter answers: R's masked call
     chosen.append(long_prompt + _ids(200, 10))
     rejected.append(long_prompt + _ids(130, 11))

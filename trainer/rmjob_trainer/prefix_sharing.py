@@ -30,31 +30,42 @@ recomputation under gradient checkpointing sees it too) of the ``sdpa_varlen`` a
     (and a windowed layer's window, by position). SDPA with a mask computes every score,
     masked or not: ``(p + c + r)**2``.
   - per segment: ``[P C]`` with ``is_causal``, then ``R`` against the keys ``[P R]`` (gathered)
-    with a causal mask aligned to the last key: ``(p + c)**2 + r * (p + r)`` scores or fewer
-    (a long causal call skips blocks of keys above the diagonal), at the price of a second
-    call and a copy of ``P``'s and ``R``'s keys and values.
+    with a causal mask aligned to the last key: about ``(p + c)**2 / 2 + r * (p + r)`` scores
+    (SDPA's CPU kernel skips blocks of keys above the diagonal of a causal call), at the price of
+    a second call and a copy of ``P``'s and ``R``'s keys and values.
   - per segment with a causal suffix: ``[P C]`` as above, then the queries ``[P R]`` against
     the keys ``[P R]`` (both gathered) with ``is_causal``, ``P``'s rows of the output dropped:
     the attention unshared packing computes for the rejected sequence, ``P``'s rows included,
-    while ``P``'s other work (embeddings, projections, MLPs) stays shared.
+    while ``P``'s other work (embeddings, projections, MLPs) stays shared; about
+    ``(p + r)**2 / 2`` scores for ``R``'s call.
 
-  The difference is the scores the block mask computes in vain, ``r * (p + 2c)``: ``R x C``
-  and, above the diagonal, ``[P C] x R``. Both layouts compute ``P`` once, so the work sharing
-  saves does not enter the choice. The block mask is kept while ``r * (p + 2c) <=
-  BLOCK_MASK_MAX_MASKED_SCORES`` (65,536). Measured with bench/prefix_attention.py (the
-  benchmark's small GPT-NeoX, 1 thread, CPU time per 16-pair training step; docs/benchmarks.md,
-  "Prefix sharing on CPU"), the block mask took 4-11% less time up to ~37k (the multi-turn and
-  single-turn data's median pairs: 18k and 11k), the two were equal within 1% at 80k, per
-  segment took 6% less at 139k and 1.7x less at 2.1M (1,024-token answers after a 32-token
-  prompt). The crossover is that of a small model on CPU; near it the choice costs a few
-  percent either way. Past it, ``R``'s masked call computes all ``r * (p + r)`` scores, where
-  a causal call over ``[P R]`` computes about ``(p + r)**2 / 2`` (SDPA's CPU kernel skips
-  blocks of keys above the diagonal) and recomputes ``P``'s ``p`` rows: the causal suffix is
+  Both layouts compute ``P``'s other work once, so the work sharing saves does not enter the
+  choice; the scores do. The block mask computes ``(p + c + r)**2``; per segment about
+  ``(p + c)**2 / 2 + min(r * (p + r), (p + r)**2 / 2)`` (its cheaper suffix). Counting only the block
+  mask's masked scores, ``r * (p + 2c)`` (9df80ee), ignores that the per-segment ``[P C]`` call
+  skips half of its own: with a long prefix and short answers that half dominates (2,000 / 16 / 16
+  tokens: per segment 1.5x faster; docs/benchmarks.md). The block mask is kept while its extra
+  scores stay at most ``BLOCK_MASK_MAX_EXTRA_SCORES``, what a second call and the gathered keys
+  cost. Measured with bench/prefix_attention.py (the benchmark's small GPT-NeoX, 1 thread, CPU
+  time per training step; docs/benchmarks.md, "Prefix sharing on CPU"), the block mask was ahead
+  up to ~97k extra scores (the multi-turn data's median pair, 357 / 41 / 41.5 tokens: 10%; a
+  350-token prefix with 40-token answers: 1.5%; single-turn's median: 19k), the two were within 1%
+  at 123k (192-token answers after a 32-token prompt) and 141k (450 / 40 / 40), and per segment
+  was ahead past that: 8% at 169k (500 / 40 / 40), 6% at 213k (256-token answers after a 32-token
+  prompt), 10% at 232k (600 / 40 / 40), 1.27x at 584k (1,000 / 40 / 40), 1.46x at 2.2M (2,000 /
+  40 / 40). The threshold, 131,072, lies between the two points of equality, which the two ways of
+  growing a pair (longer answers, a longer prefix) put at about the same count. The crossover is
+  that of a small model on CPU; near it the choice costs a few percent either way. Past it,
+  ``R``'s masked call computes all ``r * (p + r)`` scores, where a causal call over ``[P R]``
+  computes about ``(p + r)**2 / 2`` and recomputes ``P``'s ``p`` rows: the causal suffix is
   cheaper while ``p < r``. With ``R``'s masked call, 1,024-token answers after a 32-token prompt
-  took 12-17% more time than unshared packing (the prefix saves little); with the causal suffix
-  no pair's attention costs more than unshared packing's, and ``P``'s other work is still done
-  once (docs/benchmarks.md). The masks and gathered key indices are built once per forward
-  pass, on the batch's device, for all layers.
+  took 12-17% more time than unshared packing (the prefix saves little); with the causal suffix no
+  pair's attention costs more than unshared packing's, and ``P``'s other work is still done once
+  (docs/benchmarks.md). On a windowed layer every call carries a mask (the window), so SDPA
+  computes every score of every call: there the causal suffix would compute all ``(p + r)**2``,
+  and :func:`shared_prefix_attention` runs ``R``'s queries alone, masked, as in the masked suffix
+  (the choice of layouts is per forward pass, for all layers). The masks and gathered key indices
+  are built once per forward pass, on the batch's device, for all layers.
 * flash-attention varlen (CUDA, fp16/bf16, flash-attn >= 2.1 installed): keys and values
   gathered into ``[P C] [P R]`` per pair (a copy of ``P``'s keys, not a recomputation) and one
   varlen call with ``causal=True``, which flash-attention aligns to the last key when a
@@ -87,8 +98,9 @@ from rmjob_trainer.packing import PACKED_FAMILIES, VARLEN_SDPA, packed_batch, pa
 logger = logging.getLogger(__name__)
 
 SHARING_IMPLEMENTATIONS = ("sdpa", VARLEN_SDPA, "flash_attention_2", "flash_attention_3")
-# where a pair's block mask stops paying off: scores computed in vain (module docstring, measured)
-BLOCK_MASK_MAX_MASKED_SCORES = 65536
+# where a pair's block mask stops paying off: the scores it computes beyond the per-segment calls'
+# (module docstring, measured)
+BLOCK_MASK_MAX_EXTRA_SCORES = 131_072
 
 
 class SdpaCall(NamedTuple):
@@ -227,9 +239,12 @@ def shared_rewards(model: PreTrainedModel, batch: dict) -> torch.Tensor:
 def block_mask_is_cheaper(shared: int, chosen_suffix: int, rejected_suffix: int) -> bool:
     """Whether one SDPA call with a block mask beats two per segment for a pair with a prefix of
     ``shared`` tokens and suffixes of ``chosen_suffix`` and ``rejected_suffix`` tokens (see the
-    module docstring): yes while the scores it computes in vain stay under what a second call
-    costs."""
-    return rejected_suffix * (shared + 2 * chosen_suffix) <= BLOCK_MASK_MAX_MASKED_SCORES
+    module docstring): yes while the scores it computes beyond those of the per-segment calls
+    stay under what a second call and the gathered keys cost."""
+    chosen, rejected = shared + chosen_suffix, shared + rejected_suffix
+    block_mask = (chosen + rejected_suffix) ** 2
+    per_segment = chosen ** 2 / 2 + min(rejected_suffix * rejected, rejected ** 2 / 2)
+    return block_mask - per_segment <= BLOCK_MASK_MAX_EXTRA_SCORES
 
 
 def causal_suffix_is_cheaper(shared: int, rejected_suffix: int) -> bool:
@@ -310,11 +325,13 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     outputs = []
     for start, end, keys, mask, recomputed in layout.sdpa:
         key_rows = slice(start, end) if keys is None else keys
-        query_rows = keys if recomputed else slice(start, end)
         if sliding_window is not None:
-            distance = layout.positions[query_rows, None] - layout.positions[key_rows][None, :]
-            window = distance < sliding_window
-            mask = window & (torch.ones_like(window).tril() if mask is None else mask)
+            # A windowed call carries a mask, and SDPA with a mask computes every score: the causal
+            # suffix's P rows would be all cost, so R's queries go alone. Positions increase along
+            # each call's keys, so "causal" is a key at a position not after the query's.
+            recomputed = 0
+            distance = layout.positions[start:end, None] - layout.positions[key_rows][None, :]
+            mask = (distance < sliding_window) & ((distance >= 0) if mask is None else mask)
         if keys is None:
             call_keys, call_values = key[:, :, start:end], value[:, :, start:end]
         else:

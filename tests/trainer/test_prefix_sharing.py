@@ -132,13 +132,13 @@ def test_a_windowed_layer_runs_only_the_rejected_suffix_queries(monkeypatch):
     """On a windowed layer every SDPA call carries a mask, so a causal suffix would compute all
     (p + r)**2 scores, P's rows for nothing: R's queries go alone there. Gemma 3 mixes windowed
     and global layers: the global ones keep the causal suffix."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     calls = []
 
     def spy(module, query, key, value, mask, **kwargs):
         calls.append((module.sliding_window, query.shape[2], key.shape[2], mask is None))
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
-
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     monkeypatch.setattr(prefix_sharing, "sdpa_attention_forward", spy)
     monkeypatch.setattr(prefix_sharing, "block_mask_is_cheaper", lambda *_: False)  # short, for a tiny model

@@ -363,7 +363,8 @@ def run() -> typing.NoReturn:
 
 def _report(message: str) -> None:
     line = f"error: {message}"
-    print(line, file=sys.stderr, flush=True)
+    sys.stderr.write(line + "\n")  # one write: ranks sharing a pipe interleave print()'s two
+    sys.stderr.flush()
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         # torchrun's failure summary then shows this line instead of a pointer to its docs

@@ -89,6 +89,9 @@ every sandbox). Differences from process mode:
 - ``command``/``args`` override the image's entrypoint/cmd as in Kubernetes; the env is the
   image's plus the pod's plus ``HOSTNAME`` and ``KUBERNETES_SERVICE_HOST``/``_PORT``; the user is
   ``runAsUser[:runAsGroup]`` of the pod or container securityContext, else the image's USER.
+  ``buildah run`` itself gets the runner's ``PATH`` and what configures containers storage
+  (:data:`BUILDAH_ENV`: ``HOME`` and ``XDG_*`` for rootless storage, ``CONTAINERS_*``), so it
+  finds the working container that ``buildah from`` made; none of it reaches the container.
 - buildah has no read-only root: after the container exits the runner lists what it wrote to
   its own filesystem outside its mounts (``podman diff``; :meth:`PodRunner.root_writes`), and a
   container whose securityContext asks for ``readOnlyRootFilesystem`` and wrote there fails the
@@ -138,6 +141,11 @@ HEARTBEAT_S = 10.0
 POLL_S = 0.5
 CLAIM_BIND_WAIT_S = 60
 LOCALHOST = "127.0.0.1"
+# Where buildah and podman find their storage and configuration (containers-storage.conf(5),
+# containers.conf(5)): a `buildah run` without them would look in another store.
+BUILDAH_ENV = ("HOME", "TMPDIR", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "CONTAINERS_CONF",
+               "CONTAINERS_STORAGE_CONF", "CONTAINERS_REGISTRIES_CONF", "STORAGE_DRIVER", "STORAGE_OPTS",
+               "BUILDAH_ISOLATION")
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 NODE_TAINT_KEY = "rmjob.dev/pod-runner-node"
@@ -473,7 +481,7 @@ class _Pod:
             host = volume_dirs[mount["name"]] / mount.get("subPath", "")
             options += ["-v", f"{host}:{target}{':ro' if mount.get('readOnly') else ''}"]
         run_argv = ["buildah", "run", "--isolation", "chroot", *options, working, "--", *argv]
-        return name, run_argv, {"PATH": os.environ.get("PATH", os.defpath)}, self.dir
+        return name, run_argv, buildah_env(), self.dir
 
     def _finish_working_containers(self) -> str | None:
         """Image mode, once the containers have exited: records what each wrote outside its
@@ -661,6 +669,12 @@ def resolve_in_root(root: Path, path: str) -> str:
             continue
         resolved.append(part)
     return "/" + "/".join(resolved)
+
+
+def buildah_env() -> dict[str, str]:
+    """The environment of a ``buildah run``: the runner's ``PATH`` and :data:`BUILDAH_ENV`."""
+    return {"PATH": os.environ.get("PATH", os.defpath),
+            **{key: value for key, value in os.environ.items() if key in BUILDAH_ENV}}
 
 
 def _last_line(text: str) -> str:

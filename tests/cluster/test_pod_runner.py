@@ -372,3 +372,15 @@ def test_a_config_map_mounted_by_two_containers_is_rewritten_once_for_each(kubec
     volumes = pod_runner.workdir / namespace / "two" / "volumes"
     for name in ("a", "b"):
         assert pod_runner.log(namespace, "two", name) == f"scratch={volumes / f'tmp{name}'}/scratch"
+
+
+def test_buildah_run_looks_in_the_store_buildah_from_used(monkeypatch):
+    """Image mode: a `buildah run` given only PATH looked in the default store for the working
+    container `buildah from` had made in the one CONTAINERS_STORAGE_CONF (or a rootless HOME)
+    names: "container not known"."""
+    monkeypatch.setenv("CONTAINERS_STORAGE_CONF", "/srv/containers/storage.conf")
+    monkeypatch.setenv("HOME", "/home/dev")
+    monkeypatch.setenv("RMJOB_TEST_SECRET", "s3cret")
+    env = pod_runner_module.buildah_env()
+    assert env["CONTAINERS_STORAGE_CONF"] == "/srv/containers/storage.conf" and env["HOME"] == "/home/dev"
+    assert "RMJOB_TEST_SECRET" not in env and env["PATH"]

@@ -309,9 +309,15 @@ def buildah_run_argv(container: str, *argv: str, volumes: dict[str, Path] = {},
     return ["buildah", "run", "--isolation", "chroot", *mounts, *env_args, container, "--", *argv]
 
 
+# buildah's chroot runtime exits once the command has, without waiting for the output it still
+# relays (images/trainer/Dockerfile, the VARIANT check): under load a short command's output was
+# lost (`find` listed nothing in a CI run). A second after the command gives it time.
+RELAY_OUTPUT = ("sh", "-c", '"$@"; status=$?; sleep 1; exit $status', "sh")
+
+
 def buildah_run(container: str, *argv: str, volumes: dict[str, Path] = {}, env: dict[str, str] = {},
                 timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(buildah_run_argv(container, *argv, volumes=volumes, env=env),
+    result = subprocess.run(buildah_run_argv(container, *RELAY_OUTPUT, *argv, volumes=volumes, env=env),
                             capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         pytest.fail(f"{' '.join(argv)} exited {result.returncode} in the container:\n"

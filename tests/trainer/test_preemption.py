@@ -280,13 +280,23 @@ def test_rmjob_torchrun_waits_for_its_ranks_through_repeated_sigterms(tmp_path):
                 process.kill()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_rmjob_torchrun_sigterm_after_its_ranks_finished_exits_0(tmp_path):
     """Two nodes: node 1's rank finishes first and its torchrun waits for node 0's (rank 0 saves
     the model, pushes it) when SIGTERM comes. Its work is done: exit 0, not 200, which would
     make the Job start a replacement that can no longer meet node 0."""
     import socket
 
-    (tmp_path / "rank.py").write_text("import os, time\nif os.environ['RANK'] == '0':\n    time.sleep(15)\n")
+    (tmp_path / "rank.py").write_text(
+        "import os, time\nif os.environ['RANK'] == '0':\n    time.sleep(15)\n"
+        f"else:\n    open({str(tmp_path / 'rank1.pid.tmp')!r}, 'w').write(str(os.getpid()))\n"
+        f"    os.rename({str(tmp_path / 'rank1.pid.tmp')!r}, {str(tmp_path / 'rank1.pid')!r})\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -294,12 +304,15 @@ def test_rmjob_torchrun_sigterm_after_its_ranks_finished_exits_0(tmp_path):
                                 "--master_addr=127.0.0.1", f"--master_port={port}", str(tmp_path / "rank.py")],
                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for node in (0, 1)]
     try:
-        node_1 = psutil.Process(agents[1].pid)
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not node_1.children():  # its rank starts, then exits 0
+        # Its rank starts, then exits 0: watched by its own pid. "Any child of node 1", as
+        # before, once let SIGTERM come before torchrun's handler was in place (exit -15, in a
+        # CI run under load): another short-lived child came first.
+        while not (tmp_path / "rank1.pid").exists():
             assert agents[1].poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        while node_1.children():
+        rank = int((tmp_path / "rank1.pid").read_text())
+        while _alive(rank):
             time.sleep(0.05)
         time.sleep(1)
         assert agents[0].poll() is None and agents[1].poll() is None

@@ -239,6 +239,39 @@ def test_rmjob_torchrun_user_error_is_the_ranks_line_and_status_2(tmp_path, tiny
     assert not ws.out.exists()
 
 
+USER_ERROR_RANK_SCRIPT = """
+import os, signal, sys, time
+if sys.argv[1] == "crash-next-to-user-error" and os.environ["RANK"] == "1":
+    def crash(*_):  # when torchrun stops it, after rank 0's user error
+        raise RuntimeError("a real crash")
+    signal.signal(signal.SIGTERM, crash)
+    time.sleep(120)
+print(f"error: rank {os.environ['RANK']}: a user mistake", file=sys.stderr, flush=True)
+sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("scenario,extra,status", [
+    ("user-error", ["--redirects", "3", "--log-dir", "LOGS"], 2),
+    ("crash-next-to-user-error", [], 1),
+])
+def test_rmjob_torchrun_says_where_a_user_error_went_and_keeps_a_real_failure_whole(scenario, extra, status, tmp_path):
+    """The ranks' error lines in files only: one line says so. A crash beside a user error is
+    torchrun's failure, with every line torchrun logs about it."""
+    (tmp_path / "rank.py").write_text(USER_ERROR_RANK_SCRIPT)
+    extra = [str(tmp_path / "logs") if arg == "LOGS" else arg for arg in extra]
+    result = subprocess.run([*RMJOB_TORCHRUN, "--standalone", "--nproc_per_node=2", *extra, str(tmp_path / "rank.py"),
+                             scenario], env=ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == status, output[-3000:]
+    if status == 2:
+        assert "error: rank" not in output and "Traceback" not in output, output
+        assert "rmjob-torchrun: the ranks stopped on a user error (exit status 2); their error lines are in " \
+               "torchrun's --log-dir" in output
+    else:
+        assert "failed (exitcode: 2)" in output and "ChildFailedError" in output, output
+
+
 SLOW_STOP_RANK_SCRIPT = """
 import os, signal, sys, time
 from pathlib import Path

@@ -352,6 +352,8 @@ def test_plan_reads_the_wandb_mode_where_wandb_does(tmp_path, monkeypatch):
     check_tracking(cfg, {})  # offline: no credentials needed, as the plan must then say
     assert "; W&B open_instruct_internal (offline); " in plan(cfg, {})
     assert "; W&B open_instruct_internal (online); " in plan(cfg, {"WANDB_MODE": "online"})
+    with pytest.raises(ConfigError, match="WANDB_MODE='' is not a W&B mode"):
+        check_tracking(cfg, {"WANDB_MODE": ""})  # wandb.init would refuse it after the model loaded
 
 
 @pytest.mark.parametrize("world_size, deepspeed, engine", [

@@ -142,9 +142,13 @@ def torchrun(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     except ChildFailedError as e:
         exit_codes = {failure.exitcode for failure in e.failures.values()}
-        if exit_codes == {EXIT_USER_ERROR}:
-            # Every rank printed the same one-line error (preflight.agree); torchrun's summary
-            # would bury it under a traceback.
+        if EXIT_USER_ERROR in exit_codes and exit_codes <= {EXIT_USER_ERROR, *_ENDED_BY_TORCHRUN}:
+            # Every rank printed the same one-line error (preflight.agree), or was stopped by
+            # torchrun before it could; torchrun's summary would bury the line under a traceback.
+            quiet.held.clear()
+            if _ranks_stderr_redirected(argv):
+                print(f"rmjob-torchrun: the ranks stopped on a user error (exit status {EXIT_USER_ERROR}); "
+                      "their error lines are in torchrun's --log-dir", file=sys.stderr, flush=True)
             return EXIT_USER_ERROR
         if EXIT_PREEMPTED not in exit_codes or not exit_codes <= {EXIT_PREEMPTED, *_ENDED_BY_TORCHRUN}:
             raise
@@ -156,7 +160,20 @@ def torchrun(argv: list[str] | None = None) -> int:
         SimpleElasticAgent._exit_barrier = exit_barrier
         for name in _FAILURE_LOGGERS:
             logging.getLogger(name).removeFilter(quiet)
+        for record in quiet.held:  # not a user error after all: torchrun's lines as it logged them
+            logging.getLogger(record.name).handle(record)
     return 0
+
+
+def _ranks_stderr_redirected(argv: list[str] | None) -> bool:
+    """Whether torchrun sends the ranks' stderr to files only (``--redirects``, ``--tee``)."""
+    from torch.distributed.run import parse_args
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return bool(int(args.redirects) & 2) and not int(args.tee) & 2
+    except ValueError:  # per-rank settings ("0:3,1:0"): some rank's may be
+        return True
 
 
 # Where torchrun logs a failed worker group, before raising ChildFailedError: the first failure's
@@ -166,20 +183,24 @@ _FAILURE_LOGGERS = ("torch.distributed.elastic.multiprocessing.api",
 
 
 class _UserErrorLogFilter(logging.Filter):
-    """Drops torchrun's two log lines about a first failure with the user-error status: that
-    rank printed its own line. Any other failure's lines stay."""
+    """Holds back torchrun's two log lines about a first failure with the user-error status:
+    that rank printed its own line. Whether the run ends as a user error is known only later;
+    if not, :func:`torchrun` logs the held lines after all."""
 
     def __init__(self, user_error_status: int) -> None:
         super().__init__()
         self.user_error_status = user_error_status
         self.first_failure_was_user_error = False
+        self.held: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg.startswith("failed (exitcode: "):
             self.first_failure_was_user_error = record.args[0] == self.user_error_status
-            return not self.first_failure_was_user_error
-        if record.msg.startswith("no error file defined for parent"):
-            return not self.first_failure_was_user_error
+        elif not record.msg.startswith("no error file defined for parent"):
+            return True
+        if self.first_failure_was_user_error:
+            self.held.append(record)
+            return False
         return True
 
 

@@ -265,7 +265,9 @@ def wandb_mode(environ: Mapping[str, str], settings: Mapping[str, str] | None = 
     writes ``mode = offline`` in ``./wandb/settings``), else online."""
     if settings is None:
         settings = _wandb_settings(environ)
-    return environ.get("WANDB_MODE") or settings.get("mode", "online")
+    if "WANDB_MODE" in environ:  # set but empty too: wandb refuses that as it refuses a typo
+        return environ["WANDB_MODE"]
+    return settings.get("mode", "online")
 
 
 def _netrc_key(host: str, environ: Mapping[str, str]) -> str | None:
@@ -297,7 +299,7 @@ def check_tracking(cfg: RewardConfig, environ: Mapping[str, str] = os.environ) -
     settings = _wandb_settings(environ)
     mode = wandb_mode(environ, settings)
     if mode not in WANDB_MODES:
-        where = "WANDB_MODE" if environ.get("WANDB_MODE") else "mode in the W&B settings file"
+        where = "WANDB_MODE" if "WANDB_MODE" in environ else "mode in the W&B settings file"
         raise ConfigError(f"--with_tracking: {where}={mode!r} is not a W&B mode; use online, offline or disabled")
     if mode in WANDB_LOCAL_MODES:
         return

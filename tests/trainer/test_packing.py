@@ -193,6 +193,29 @@ def test_packed_rewards_equal_per_sequence_rewards_for_every_family(family):
     torch.testing.assert_close(padded_after_switch, alone, rtol=0, atol=1e-5)
 
 
+def test_a_window_longer_than_every_sequence_masks_nothing(monkeypatch):
+    """Mistral's 4,096-token window over shorter sequences hides nothing: plain causal calls,
+    which skip the scores above the diagonal, as transformers drops such a mask."""
+    from rmjob_trainer import packing
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    masks = []
+
+    def spy(module, query, key, value, mask, **kwargs):
+        masks.append(mask)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    model = family_model("mistral")
+    seqs = sequences()
+    model.config.sliding_window = max(map(len, seqs))  # read by every layer
+    with torch.no_grad():
+        alone = torch.cat([get_reward(model, torch.tensor([s]), PAD) for s in seqs])
+        monkeypatch.setattr(packing, "sdpa_attention_forward", spy)
+        packed = packed_rewards(model, collate_packed(seqs))
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+    assert masks and all(mask is None for mask in masks)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
 def test_packed_gradients_equal_padded_with_sliding_windows(family):
     model = family_model(family)

@@ -122,7 +122,7 @@ def test_rule_picks_per_segment_for_long_answers_and_the_block_mask_for_short_pa
 def test_rule_picks_per_segment_for_a_long_prefix_with_short_answers():
     """The block mask computes all (p + c + r)**2 scores, the per-segment [P C] call about half of
     its own: with a long prefix that half outweighs R x C (docs/benchmarks.md, per segment up to
-    1.9x faster at 2,000/16/16)."""
+    1.5x faster at 2,000/16/16, 1.9x at 4,000/8/8)."""
     assert not block_mask_is_cheaper(2000, 16, 16)
     assert not block_mask_is_cheaper(1000, 32, 32)
     assert not block_mask_is_cheaper(4000, 8, 8)
@@ -154,6 +154,29 @@ def test_a_windowed_layer_runs_only_the_rejected_suffix_queries(monkeypatch):
     full = [(queries, keys, unmasked) for window, queries, keys, unmasked in calls if not window]
     assert windowed == [(16, 16, False), (10, 14, False)] * 2  # two windowed layers
     assert full == [(16, 16, True), (14, 14, True)]
+
+
+def test_a_window_longer_than_every_sequence_masks_nothing(monkeypatch):
+    """Mistral's 4,096-token window over shorter sequences hides nothing: its layers take the
+    unmasked (is_causal) calls the rule's costs assume, as transformers drops such a mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    masks = []
+
+    def spy(module, query, key, value, mask, **kwargs):
+        masks.append(mask)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(prefix_sharing, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(prefix_sharing, "block_mask_is_cheaper", lambda *_: False)
+    model = family_model("mistral")
+    model.config.sliding_window = 64  # read by every layer; the sequences here are at most 29 long
+    chosen, rejected = [PROMPT[:4] + _ids(12, 12)], [PROMPT[:4] + _ids(10, 13)]
+    with torch.no_grad():
+        shared = packed_rewards(model, collate_shared(chosen, rejected))
+        unshared_rewards = packed_rewards(model, collate_packed(chosen + rejected))
+    torch.testing.assert_close(shared, unshared_rewards, rtol=0, atol=ATOL)
+    assert masks and all(mask is None for mask in masks)
 
 
 def test_long_answers_after_a_short_prompt_get_the_attention_of_unshared_packing():

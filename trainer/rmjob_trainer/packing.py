@@ -202,7 +202,7 @@ def sdpa_varlen_attention(
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         window_mask = None
-        if sliding_window is not None and end - start > 1:
+        if sliding_window is not None and end - start > sliding_window:  # a shorter one: the window hides nothing
             window_mask = _window_mask(end - start, end - start, sliding_window, causal, query.device)
         bias = None if position_bias is None else position_bias[..., start:end, start:end]
         output, _ = sdpa_attention_forward(

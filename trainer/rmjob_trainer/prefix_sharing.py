@@ -322,6 +322,8 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     layout.calls.append("flash" if _use_flash(layout, query) else "sdpa")
     if _use_flash(layout, query):
         return _flash_attention(query, key, value, layout, sliding_window, **kwargs), None
+    if sliding_window is not None and layout.max_length_k <= sliding_window:
+        sliding_window = None  # no sequence is longer than the window: it hides nothing (as in transformers)
     outputs = []
     for start, end, keys, mask, recomputed in layout.sdpa:
         key_rows = slice(start, end) if keys is None else keys
